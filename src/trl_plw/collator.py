@@ -1,0 +1,530 @@
+"""`DataCollatorForWeightedCompletionLM`: real-valued per-token loss weights for padded, padding-free and packed
+batches.
+
+TRL removed ``DataCollatorForCompletionOnlyLM`` (response/instruction templates turned into 0/1 label masks, broken
+with packing). This collator generalizes it: every token gets a real weight from its role (prompt, completion,
+system, user, tool, template), an optional per-example weight, or an explicit per-token weight, and the weights stay
+aligned through padding, padding-free flattening and BFD packing. See docs/COLLATOR.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+from transformers.data.data_collator import DataCollatorMixin
+
+from trl_plw.roles import Role, RoleWeights, TemplateMatcher, check_weight
+
+__all__ = ["DataCollatorForWeightedCompletionLM", "PER_TOKEN_SOURCES"]
+
+PER_TOKEN_SOURCES = ("loss_weights", "token_roles", "completion_mask", "assistant_masks")
+"""Per-token columns the collator reads weights/roles from, in order of preference (then templates)."""
+
+_IGNORE = int(Role.IGNORE)
+_COMPLETION = int(Role.COMPLETION)
+_MAX_ROLE = max(int(r) for r in Role)
+
+
+def _tensor(value: Any, dtype: torch.dtype, name: str, index: int) -> torch.Tensor:
+    try:
+        tensor = torch.as_tensor(value, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"Example {index}: `{name}` could not be read as a 1-D sequence of numbers ({exc}).") from exc
+    if tensor.ndim != 1:
+        raise ValueError(f"Example {index}: `{name}` must be a 1-D sequence, got shape {tuple(tensor.shape)}.")
+    return tensor
+
+
+_ALIGNED_COLUMNS = (*PER_TOKEN_SOURCES, "labels")
+_ALIGNMENT_HINT = (
+    "Per-token columns must stay aligned with input_ids: truncate and pack them together with input_ids (select them "
+    "all before `pack_dataset`, truncate them with the same slice)."
+)
+
+
+def _sequence_length(value: Any) -> int | None:
+    """Length of a 1-D list/array/tensor, None for anything else (scalars, None); O(1), no conversion."""
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 1:
+        return int(value.shape[0])
+    return None
+
+
+def _check_length(tensor: torch.Tensor, n: int, name: str, index: int) -> None:
+    if tensor.numel() != n:
+        raise ValueError(
+            f"Example {index}: `{name}` has {tensor.numel()} entries but `input_ids` has {n}. " + _ALIGNMENT_HINT
+        )
+
+
+def _check_values(tensor: torch.Tensor, name: str, index: int, allow_negative: bool) -> None:
+    if not torch.isfinite(tensor).all():
+        bad = tensor[~torch.isfinite(tensor)][0].item()
+        raise ValueError(f"Example {index}: `{name}` contains a non-finite weight ({bad}); weights must be finite.")
+    if not allow_negative and (tensor < 0).any():
+        raise ValueError(
+            f"Example {index}: `{name}` contains a negative weight ({tensor.min().item()}). Negative weights push the "
+            "model away from those tokens; set allow_negative_weights=True on the collator if that is intended."
+        )
+
+
+@dataclass
+class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
+    """Collates tokenized examples into batches with real-valued per-token loss weights.
+
+    Per token, the weight comes from the first source an example has, in this order:
+
+    1. ``loss_weights``: explicit per-token weights, used as given;
+    2. ``token_roles``: role codes (`trl_plw.roles.Role`, built by `trl_plw.roles.tokenize_prompt_completion` /
+       `tokenize_messages`), mapped to weights through the role table (``prompt_loss_weight``,
+       ``completion_loss_weight``, ``role_weights``);
+    3. ``completion_mask`` (TRL's prompt-completion mask) or 4. ``assistant_masks``: 1 -> completion, 0 -> prompt;
+    5. ``response_template`` / ``instruction_template`` matched in ``input_ids`` (like TRL's removed
+       ``DataCollatorForCompletionOnlyLM``, robust to context-dependent tokenization, per document in packed rows).
+
+    Then the example weight (``example[example_weight_column]``, a scalar or one value per token) multiplies the
+    weights, labels of -100 in an example's ``labels`` mark tokens as ``IGNORE`` (weight 0, never scored), and the
+    first token of every sequence (every document of a packed row) gets weight 0: it has no prediction inside its
+    sequence.
+
+    Every output is aligned with ``input_ids`` like Hugging Face labels: position ``t`` holds the weight of
+    predicting token ``t`` (from the logits at ``t - 1``); the shift happens in the loss. Keys:
+
+    - ``input_ids`` (int64), ``labels`` (int64: ``input_ids`` with -100 where the weight is 0, at padding and at
+      sequence starts), ``loss_weights`` (float32), ``completion_mask`` / ``prompt_mask`` (bool: the token's role is
+      on the completion / prompt side; both False at padding, sequence starts and ``IGNORE`` tokens, so a trainer can
+      report the prompt loss even when the prompt weight is 0);
+    - padded: ``attention_mask`` (int64, right padding), plus ``position_ids`` (int64) if ``return_position_ids``;
+    - padding-free (one flattened row): ``position_ids`` restarting at 0 per sequence, ``cu_seq_lens_q`` /
+      ``cu_seq_lens_k`` (int32, 1-D), ``max_length_q`` / ``max_length_k`` (int), ``seq_idx`` (int32), no
+      ``attention_mask``;
+    - packed rows (examples with TRL's ``seq_lengths``) in padded mode: ``position_ids`` restarting per document and
+      NO ``attention_mask``: a 2-D all-ones mask would let the documents of a row attend to each other, while
+      position ids alone let the model build a block-diagonal mask (sdpa/eager/flex detect the restarts; pads get
+      position 0, so each forms its own one-token document). Flash-attention varlen needs padding-free batches.
+
+    Args:
+        pad_token_id: token id used for padding; defaults to ``tokenizer.pad_token_id``.
+        tokenizer: needed for string templates; gives the pad id when ``pad_token_id`` is None.
+        response_template: text (or token ids) that precedes every completion, e.g. ``"### Response:"`` or
+            ``"<|im_start|>assistant\\n"``. Used only for examples without a per-token source.
+        instruction_template: text (or token ids) that starts every prompt turn, e.g. ``"<|im_start|>user\\n"``;
+            with it, every assistant span of a multi-turn text is completion. Without it, everything after the LAST
+            response template is completion.
+        prompt_loss_weight: weight of prompt-side tokens. Defaults to 0.0, so the default collator is a drop-in
+            replacement for the old completion-only collator.
+        completion_loss_weight: weight of completion tokens.
+        role_weights: per-role weights overriding the two above, keys among ``prompt``, ``completion`` (alias
+            ``assistant``), ``system``, ``user``, ``tool``, ``template`` (e.g. ``{"template": 0.0}``).
+        example_weight_column: key of the optional per-example (scalar) or per-token (list) weight multiplier.
+        padding_free: flatten the batch into one row (for flash-attention varlen and packing).
+        return_position_ids: also return position ids in padded mode.
+        pad_to_multiple_of: pad the sequence length (the flattened length when padding-free) to a multiple.
+        allow_negative_weights: accept negative weights (unlikelihood-style); rejected otherwise.
+        on_missing_template: ``"raise"`` (default) when an example (or packed document) relying on templates has
+            no response template, or ``"ignore"``: give it weight 0, count it in ``num_missing_template``, and warn
+            with the running count (at the 1st, 2nd, 4th, 8th, ... occurrence). The prompt is never trained instead.
+        loss_weights_consumer: name of the component that applies ``loss_weights``. While it is None, a batch with
+            any weight other than 0 and 1 raises: plain ``trl.SFTTrainer`` ignores ``loss_weights`` and would train
+            on the 0/1 labels only. ``trl_plw.PLWTrainer`` sets it; a custom loop or SFTTrainer subclass that applies
+            the weights itself should set it to any name. 0/1 weights are always safe: the labels carry them.
+        return_tensors: only ``"pt"``.
+
+    Examples:
+    ```python
+    >>> from trl_plw.collator import DataCollatorForWeightedCompletionLM
+    >>> collator = DataCollatorForWeightedCompletionLM(pad_token_id=0, prompt_loss_weight=0.5, loss_weights_consumer="me")
+    >>> examples = [
+    ...     {"input_ids": [1, 2, 3, 4], "completion_mask": [0, 0, 1, 1]},
+    ...     {"input_ids": [5, 6, 7], "completion_mask": [0, 1, 1], "weight": 2.0},
+    ... ]
+    >>> batch = collator(examples)
+    >>> batch["input_ids"]
+    tensor([[1, 2, 3, 4],
+            [5, 6, 7, 0]])
+    >>> batch["labels"]
+    tensor([[-100,    2,    3,    4],
+            [-100,    6,    7, -100]])
+    >>> batch["loss_weights"]
+    tensor([[0.0000, 0.5000, 1.0000, 1.0000],
+            [0.0000, 2.0000, 2.0000, 0.0000]])
+    >>> batch["prompt_mask"]
+    tensor([[False,  True, False, False],
+            [False, False, False, False]])
+    >>> batch["attention_mask"]
+    tensor([[1, 1, 1, 1],
+            [1, 1, 1, 0]])
+
+    >>> # Padding-free: one row, position ids and varlen boundaries instead of an attention mask
+    >>> collator = DataCollatorForWeightedCompletionLM(pad_token_id=0, padding_free=True, loss_weights_consumer="me")
+    >>> batch = collator(examples)
+    >>> batch["labels"], batch["position_ids"]
+    (tensor([[-100, -100,    3,    4, -100,    6,    7]]), tensor([[0, 1, 2, 3, 0, 1, 2]]))
+    >>> batch["loss_weights"]
+    tensor([[0., 0., 1., 1., 0., 2., 2.]])
+    >>> batch["cu_seq_lens_q"], batch["max_length_q"]
+    (tensor([0, 4, 7], dtype=torch.int32), 4)
+
+    >>> # A packed row (TRL's BFD packing adds `seq_lengths`): positions restart and each document's start is masked
+    >>> packed = [{"input_ids": [1, 2, 3, 4, 5, 6], "token_roles": [0, 0, 1, 5, 0, 1], "seq_lengths": [3, 3]}]
+    >>> batch = DataCollatorForWeightedCompletionLM(pad_token_id=0)(packed)
+    >>> batch["position_ids"], batch["labels"]
+    (tensor([[0, 1, 2, 0, 1, 2]]), tensor([[-100, -100,    3, -100, -100,    6]]))
+    >>> "attention_mask" in batch
+    False
+
+    ```
+    """
+
+    pad_token_id: int | None = None
+    tokenizer: PreTrainedTokenizerBase | None = None
+    response_template: str | list[int] | None = None
+    instruction_template: str | list[int] | None = None
+    prompt_loss_weight: float = 0.0
+    completion_loss_weight: float = 1.0
+    role_weights: dict[str, float] | None = None
+    example_weight_column: str = "weight"
+    padding_free: bool = False
+    return_position_ids: bool = False
+    pad_to_multiple_of: int | None = None
+    allow_negative_weights: bool = False
+    on_missing_template: Literal["raise", "ignore"] = "raise"
+    loss_weights_consumer: str | None = None
+    return_tensors: str = "pt"
+
+    def __post_init__(self) -> None:
+        if self.return_tensors != "pt":
+            raise ValueError(f"return_tensors={self.return_tensors!r}: only 'pt' is supported.")
+        if self.on_missing_template not in ("raise", "ignore"):
+            raise ValueError(f"on_missing_template={self.on_missing_template!r}: use 'raise' or 'ignore'.")
+        if self.pad_to_multiple_of is not None and (
+            isinstance(self.pad_to_multiple_of, bool)
+            or not isinstance(self.pad_to_multiple_of, int)
+            or self.pad_to_multiple_of < 1
+        ):
+            raise ValueError(f"pad_to_multiple_of={self.pad_to_multiple_of!r} must be a positive int or None.")
+        if self.pad_token_id is None:
+            if self.tokenizer is None or self.tokenizer.pad_token_id is None:
+                raise ValueError(
+                    "pad_token_id is None and no tokenizer with a pad token was given: pass pad_token_id=..., or a "
+                    "tokenizer whose pad_token is set (e.g. tokenizer.pad_token = tokenizer.eos_token)."
+                )
+            self.pad_token_id = int(self.tokenizer.pad_token_id)
+        if self.instruction_template is not None and self.response_template is None:
+            raise ValueError(
+                "instruction_template is set but response_template is None: the response template marks where "
+                "completions start; set response_template too."
+            )
+        self._matcher = None
+        if self.response_template is not None:
+            if isinstance(self.response_template, str) or isinstance(self.instruction_template, str):
+                if self.tokenizer is None:
+                    raise ValueError(
+                        "response_template/instruction_template given as text need the tokenizer: pass tokenizer=..., "
+                        "or give the templates as token ids."
+                    )
+            self._matcher = TemplateMatcher(self.tokenizer, self.response_template, self.instruction_template)
+        self.num_missing_template = 0
+        self._weights_key = None
+        self._resolve_role_weights()
+
+    # ------------------------------------------------------------------------------------------------ role weights
+    def _resolve_role_weights(self) -> torch.Tensor:
+        """The role -> weight table, rebuilt if a weight field was changed after construction."""
+        key = (
+            self.prompt_loss_weight,
+            self.completion_loss_weight,
+            tuple(sorted((self.role_weights or {}).items())),
+            self.allow_negative_weights,
+        )
+        if key == self._weights_key:
+            return self._table
+        allow = self.allow_negative_weights
+        prompt = check_weight("prompt_loss_weight", self.prompt_loss_weight, allow)
+        completion = check_weight("completion_loss_weight", self.completion_loss_weight, allow)
+        mapping = dict(self.role_weights or {})
+        for name, value in mapping.items():
+            check_weight(f"role_weights[{name!r}]", value, allow, allow_none=True)
+        for keys, field_name, value, default in (
+            (("prompt",), "prompt_loss_weight", prompt, 0.0),
+            (("completion", "assistant"), "completion_loss_weight", completion, 1.0),
+        ):
+            for k in keys:
+                if k in mapping and value != default and mapping[k] != value:
+                    raise ValueError(
+                        f"role_weights[{k!r}]={mapping[k]} conflicts with {field_name}={value}; set the weight in one "
+                        "place only."
+                    )
+        weights = RoleWeights.from_mapping(
+            mapping, allow_negative=allow, name="role_weights", prompt=prompt, completion=completion
+        )
+        self._role_weights_resolved = weights
+        self._table = weights.table()
+        self._weights_key = key
+        return self._table
+
+    @property
+    def resolved_role_weights(self) -> RoleWeights:
+        """The `RoleWeights` in force (``prompt_loss_weight``/``completion_loss_weight`` merged with ``role_weights``)."""
+        self._resolve_role_weights()
+        return self._role_weights_resolved
+
+    # ------------------------------------------------------------------------------------------------ per example
+    def _template_roles(self, index: int, ids: torch.Tensor, doc_lengths: list[int]) -> torch.Tensor:
+        ids_np = ids.numpy()
+        parts, offset = [], 0
+        for length in doc_lengths:
+            doc = ids_np[offset : offset + length]
+            roles, found = self._matcher.roles(doc)
+            if not found:
+                where = f"example {index}" + (
+                    f", packed document starting at token {offset}" if len(doc_lengths) > 1 else ""
+                )
+                text = self.tokenizer.decode(doc[:80].tolist()) if self.tokenizer is not None else doc[:40].tolist()
+                if self.on_missing_template == "raise":
+                    raise ValueError(
+                        f"response_template={self.response_template!r} was not found in {where} (starts with "
+                        f"{text!r}); looked for the token sequences {list(self._matcher.response_variants)}. Fix "
+                        "the template, drop such examples, set on_missing_template='ignore' to give them weight 0, or "
+                        "build `token_roles` at dataset preparation (trl_plw.roles / PLWTrainer)."
+                    )
+                self.num_missing_template += 1
+                count = self.num_missing_template
+                if count & (count - 1) == 0:
+                    warnings.warn(
+                        f"response_template={self.response_template!r} not found in {where}; it gets weight 0 "
+                        f"(on_missing_template='ignore'). {count} sequence(s) without the template so far in this "
+                        "process.",
+                        UserWarning,
+                        stacklevel=4,
+                    )
+                roles = np.full(length, _IGNORE, dtype=np.int8)
+            parts.append(torch.from_numpy(roles.astype(np.int64, copy=False)))
+            offset += length
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _example_roles(
+        self, index: int, example: Mapping[str, Any], ids: torch.Tensor, doc_lengths: list[int], need: bool
+    ) -> torch.Tensor | None:
+        """Role codes (int64) of one example from its first role source; None if it has none and ``need`` is False."""
+        n = ids.numel()
+        roles = example.get("token_roles")
+        if roles is not None:
+            roles = _tensor(roles, torch.int64, "token_roles", index)
+            _check_length(roles, n, "token_roles", index)
+            if n and (roles.min() < _IGNORE or roles.max() > _MAX_ROLE):
+                raise ValueError(
+                    f"Example {index}: `token_roles` has codes outside [{_IGNORE}, {_MAX_ROLE}] (min "
+                    f"{roles.min().item()}, max {roles.max().item()}); build them with trl_plw.roles (Role codes)."
+                )
+            return roles
+        for name in ("completion_mask", "assistant_masks"):
+            mask = example.get(name)
+            if mask is not None:
+                mask = _tensor(mask, torch.int64, name, index)
+                _check_length(mask, n, name, index)
+                return (mask != 0).to(torch.int64)  # Role.COMPLETION == 1, Role.PROMPT == 0
+        if self._matcher is not None:
+            return self._template_roles(index, ids, doc_lengths)
+        if not need:
+            return None
+        raise ValueError(
+            f"Example {index} has no per-token weight source: the collator looked for the columns "
+            f"{list(PER_TOKEN_SOURCES)} and found none of them among {sorted(example)}, and no response_template is "
+            "set. Fix: pass response_template= (and instruction_template= for multi-turn text) to the collator, or "
+            "prepare the dataset with trl_plw.PLWTrainer / trl_plw.roles.tokenize_prompt_completion / "
+            "tokenize_messages, which add `token_roles`. A `labels` column alone only marks ignored (-100) tokens."
+        )
+
+    @staticmethod
+    def _doc_lengths(index: int, example: Mapping[str, Any], n: int) -> tuple[list[int], bool]:
+        seq_lengths = example.get("seq_lengths")
+        if seq_lengths is None:
+            return [n], False
+        if isinstance(seq_lengths, torch.Tensor):
+            seq_lengths = seq_lengths.tolist()
+        lengths = [int(x) for x in seq_lengths]
+        if not lengths or min(lengths) <= 0 or sum(lengths) != n:
+            raise ValueError(
+                f"Example {index}: `seq_lengths` {lengths} must be positive document lengths summing to "
+                f"len(input_ids)={n}. It is written by TRL's pack_dataset; keep it in sync with input_ids (do not "
+                "truncate a packed row, or drop `seq_lengths` if the row is not packed)."
+            )
+        return lengths, True
+
+    # ------------------------------------------------------------------------------------------------ main
+    def torch_call(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if len(examples) == 0:
+            raise ValueError("DataCollatorForWeightedCompletionLM got an empty list of examples.")
+        table = self._resolve_role_weights()
+        allow_negative = self.allow_negative_weights
+        ids_list, roles_list, lengths, doc_lengths = [], [], [], []
+        explicit: dict[int, torch.Tensor] = {}
+        per_token_scale: dict[int, torch.Tensor] = {}
+        scales = []
+        packed = False
+        for i, example in enumerate(examples):
+            if "input_ids" not in example:
+                raise ValueError(f"Example {i} has no `input_ids` (keys: {sorted(example)}).")
+            ids = _tensor(example["input_ids"], torch.int64, "input_ids", i)
+            n = ids.numel()
+            if n == 0:
+                raise ValueError(
+                    f"Example {i} is empty (len(input_ids) == 0). Filter empty examples out of the dataset."
+                )
+            for name in _ALIGNED_COLUMNS:  # every per-token column, used or not, must stay aligned
+                value = example.get(name)
+                length = _sequence_length(value)
+                if length is not None and length != n:
+                    raise ValueError(
+                        f"Example {i}: `{name}` has {length} entries but `input_ids` has {n}. " + _ALIGNMENT_HINT
+                    )
+            docs, is_packed = self._doc_lengths(i, example, n)
+            packed |= is_packed
+
+            weights = example.get("loss_weights")
+            if weights is not None:
+                weights = _tensor(weights, torch.float32, "loss_weights", i)
+                _check_length(weights, n, "loss_weights", i)
+                _check_values(weights, "loss_weights", i, allow_negative)
+                explicit[i] = weights
+                roles = self._example_roles(i, example, ids, docs, need=False)
+                if roles is None:  # no role information: what carries weight counts as completion
+                    roles = (weights != 0).to(torch.int64)
+            else:
+                roles = self._example_roles(i, example, ids, docs, need=True)
+
+            labels = example.get("labels")
+            if labels is not None:
+                labels = _tensor(labels, torch.int64, "labels", i)
+                _check_length(labels, n, "labels", i)
+                ignored = labels == -100
+                if ignored.any():
+                    roles = roles.masked_fill(ignored, _IGNORE)
+
+            scale = example.get(self.example_weight_column)
+            if scale is None:
+                scales.append(1.0)
+            elif _sequence_length(scale) is not None:
+                scale = _tensor(scale, torch.float32, self.example_weight_column, i)
+                _check_length(scale, n, self.example_weight_column, i)
+                _check_values(scale, self.example_weight_column, i, allow_negative)
+                per_token_scale[i] = scale
+                scales.append(1.0)
+            else:
+                try:
+                    value = float(scale)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(
+                        f"Example {i}: `{self.example_weight_column}` must be a number or a per-token list, got "
+                        f"{scale!r}."
+                    ) from exc
+                if not math.isfinite(value):
+                    raise ValueError(f"Example {i}: `{self.example_weight_column}`={value} is not finite.")
+                if value < 0 and not allow_negative:
+                    raise ValueError(
+                        f"Example {i}: `{self.example_weight_column}`={value} is negative; set "
+                        "allow_negative_weights=True if that is intended."
+                    )
+                scales.append(value)
+
+            ids_list.append(ids)
+            roles_list.append(roles)
+            lengths.append(n)
+            doc_lengths.extend(docs)
+
+        # ---- flat, vectorized weights. Only ops that stay fast on a busy CPU are used: index_select / masked_scatter_
+        # / cumsum rather than advanced indexing, boolean-mask assignment or repeat_interleave, which go through
+        # parallel kernels that stall for milliseconds when the cores are shared (e.g. with dataloader workers).
+        offsets = [0, *itertools.accumulate(lengths)]
+        total = offsets[-1]
+        input_ids = torch.cat(ids_list)
+        roles = torch.cat(roles_list)
+        ignored = roles == _IGNORE
+        # IGNORE (-1) reads the table's trailing 0 (index_select takes no negative indices).
+        weights = table.index_select(0, roles.masked_fill(ignored, table.numel() - 1))
+        for i, w in explicit.items():
+            weights[offsets[i] : offsets[i + 1]] = w
+        for i, s in per_token_scale.items():
+            weights[offsets[i] : offsets[i + 1]] *= s
+        for i, s in enumerate(scales):
+            if s != 1.0:
+                weights[offsets[i] : offsets[i + 1]] *= s
+
+        # Position within each sequence (document, for packed rows): +1 per token, reset to 0 at every start.
+        doc_starts = list(itertools.accumulate(doc_lengths[:-1]))
+        steps = torch.ones(total, dtype=torch.int64)
+        steps[0] = 0
+        if doc_starts:
+            steps[torch.tensor(doc_starts)] = 1 - torch.tensor(doc_lengths[:-1])
+        positions = steps.cumsum(0)
+        starts = positions == 0
+        dropped = ignored | starts
+        weights = weights.masked_fill(dropped, 0.0)
+        if not torch.isfinite(weights).all():  # e.g. a huge example weight times a huge role weight
+            raise ValueError("The combined loss_weights overflowed to a non-finite value; use smaller weights.")
+        completion = (roles == _COMPLETION) & ~dropped
+        prompt = (roles != _COMPLETION) & ~dropped
+        labels = input_ids.masked_fill(weights == 0, -100)
+
+        if self.loss_weights_consumer is None and ((weights != 0) & (weights != 1)).any():
+            raise ValueError(
+                "This batch has loss weights other than 0 and 1, but the collator's loss_weights_consumer is None. "
+                "trl.SFTTrainer ignores the `loss_weights` key and would train with 0/1 weights (the -100 labels), "
+                "silently dropping the real-valued weighting. Train with trl_plw.PLWTrainer (it sets "
+                "loss_weights_consumer='PLWTrainer'); a custom loop or SFTTrainer subclass that applies "
+                "`loss_weights` itself should set loss_weights_consumer to any name."
+            )
+
+        flat = {
+            "input_ids": (input_ids, self.pad_token_id),
+            "labels": (labels, -100),
+            "loss_weights": (weights, 0.0),
+            "completion_mask": (completion, False),
+            "prompt_mask": (prompt, False),
+        }
+        multiple = self.pad_to_multiple_of
+        if self.padding_free:
+            width = total if multiple is None else -(-total // multiple) * multiple
+            output = {}
+            for key, (values, pad_value) in flat.items():
+                row = torch.full((1, width), pad_value, dtype=values.dtype)
+                row[0, :total] = values
+                output[key] = row
+            position_ids = torch.zeros((1, width), dtype=torch.int64)
+            position_ids[0, :total] = positions
+            output["position_ids"] = position_ids
+            # Every token at position 0 starts a sequence (each pad forms its own one-token sequence, as in TRL).
+            is_start = position_ids[0] == 0
+            seq_starts = torch.nonzero(is_start).flatten()
+            cu_seq_lens = torch.cat([seq_starts, torch.tensor([width])]).to(torch.int32)
+            output["cu_seq_lens_q"] = output["cu_seq_lens_k"] = cu_seq_lens
+            output["max_length_q"] = output["max_length_k"] = int(cu_seq_lens.diff().max())
+            output["seq_idx"] = (is_start.cumsum(0, dtype=torch.int32) - 1)[None]
+            return output
+
+        batch_size = len(examples)
+        width = max(lengths)
+        if multiple is not None:
+            width = -(-width // multiple) * multiple
+        # Row-major order of the mask is the order of the concatenated examples: one masked_scatter_ pads a key.
+        real = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+        output = {}
+        for key, (values, pad_value) in flat.items():
+            output[key] = torch.full((batch_size, width), pad_value, dtype=values.dtype).masked_scatter_(real, values)
+        if packed or self.return_position_ids:
+            output["position_ids"] = torch.zeros((batch_size, width), dtype=torch.int64).masked_scatter_(
+                real, positions
+            )
+        if not packed:
+            output["attention_mask"] = real.to(torch.int64)
+        return output
