@@ -1,0 +1,541 @@
+"""`PLWConfig` and `PLWTrainer`: TRL's SFT with real-valued per-token loss weights.
+
+What changes relative to `trl.SFTTrainer`, and why:
+
+* **Dataset preparation keeps roles.** TRL folds its masks into -100 labels, truncates only ``input_ids``/``labels``
+  and packs only those two columns, so a prompt weight has nothing left to act on. Here tokenization records a
+  per-token role (`trl_plw.roles.Role`), and truncation and packing carry every per-token column together.
+* **The loss is weighted and fused.** ``loss_weights`` are taken out of the batch before the forward; the backbone
+  runs once and `trl_plw.ops.weighted_linear_cross_entropy` consumes its hidden states tile by tile (no
+  ``[tokens, vocab]`` logits), through a head patched into the model's forward so DDP/FSDP see it.
+* **The denominator is global.** ``_get_num_items_in_batch`` returns the sum of weights (or the count of non-zero
+  weights) over the whole gradient-accumulation window and over all processes, so the update does not depend on how
+  a global batch is split into micro-batches or ranks. (The article's trainer divided every micro-batch by its own
+  weight sum: a mean of means.)
+* **Metrics split prompt from completion** from the same fused pass, without logits, also when the prompt weight
+  is 0 (evaluation scores weight-0 targets for the statistics only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from trl import SFTConfig, SFTTrainer
+from trl.data_utils import (
+    get_dataset_column_names,
+    is_conversational,
+    is_conversational_from_value,
+    maybe_convert_to_chatml,
+    pack_dataset,
+)
+
+from trl_plw.collator import DataCollatorForWeightedCompletionLM
+from trl_plw.metrics import SplitMetrics
+from trl_plw.roles import Role, tokenize_messages, tokenize_prompt_completion
+from trl_plw.schedules import SCHEDULE_KINDS, prompt_weight_at
+from trl_plw.weighted_head import add_weighted_lm_head
+
+logger = logging.getLogger(__name__)
+
+# Columns that hold one value per token and must be truncated and packed together with `input_ids`.
+PER_TOKEN_COLUMNS = ("input_ids", "labels", "token_roles", "completion_mask", "assistant_masks", "loss_weights")
+# Columns that define which tokens are prompt and which are completion, in the order the collator prefers them.
+SPLIT_COLUMNS = ("loss_weights", "token_roles", "completion_mask", "assistant_masks")
+
+
+@dataclass
+class PLWConfig(SFTConfig):
+    r"""
+    Configuration for [`PLWTrainer`]: everything of [`trl.SFTConfig`] plus the prompt-loss-weight policy.
+
+    Parameters:
+        prompt_loss_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of every prompt-side token (system, user, tool and chat-template tokens) in the loss. `0.0` is
+            TRL's completion-only loss, `1.0` its full-sequence loss; values in between are the point of this
+            library. With a schedule, this is the starting value.
+        completion_loss_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of every completion (assistant) token.
+        role_weights (`dict[str, float]` or `str`, *optional*):
+            Per-role weights for chat data overriding `prompt_loss_weight` for some prompt-side roles, keys among
+            `system`, `user`, `tool`, `template`. A JSON string is accepted (CLI/YAML). With a schedule, they are
+            relative factors multiplied by the scheduled prompt weight.
+        loss_normalization (`str`, *optional*, defaults to `"weights"`):
+            Denominator of the loss: `"weights"` divides the weighted sum by the sum of weights (the article's
+            PLWTrainer); `"nonzero_tokens"` divides by the number of tokens with a non-zero weight (Weighted
+            Instruction Tuning, arXiv 2507.07817), so lowering the prompt weight also lowers the prompt's share.
+            Both are global over the accumulation window and across processes.
+        prompt_loss_weight_schedule (`str`, *optional*, defaults to `"constant"`):
+            `"constant"`, `"linear"` or `"cosine"`: moves the prompt weight from `prompt_loss_weight` to
+            `prompt_loss_weight_end` over training.
+        prompt_loss_weight_end (`float`, *optional*):
+            Final prompt weight of a linear or cosine schedule.
+        response_template (`str`, *optional*):
+            For plain-text datasets without a prompt/completion split: the text that starts each response, e.g.
+            `"### Response:"`. Everything up to its last occurrence is prompt (as the old
+            `DataCollatorForCompletionOnlyLM` did).
+        instruction_template (`str`, *optional*):
+            With `response_template`: the text that starts each user turn, so multi-turn text weights every
+            response span as completion.
+        example_weight_column (`str`, *optional*, defaults to `"weight"`):
+            Name of an optional dataset column with a per-example multiplier of all its token weights.
+        answer_tokens (`list[str]`, *optional*):
+            Strings whose first token counts as an answer (e.g. `["A", "B", "C", "D"]`): evaluation then reports
+            `eval_answer_accuracy`, the teacher-forced argmax accuracy on completion tokens that are answers.
+        loss_memory_budget_mb (`int`, *optional*):
+            Memory budget of one tile of the fused loss; by default the kernel picks one for the device.
+    """
+
+    prompt_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of prompt-side tokens in the loss (0 = completion-only, 1 = full sequence)."},
+    )
+    completion_loss_weight: float = field(default=1.0, metadata={"help": "Weight of completion tokens."})
+    role_weights: dict | str | None = field(
+        default=None,
+        metadata={"help": "Per-role weights for chat data, e.g. '{\"system\": 0.0, \"template\": 0.0}'."},
+    )
+    loss_normalization: str = field(
+        default="weights",
+        metadata={"help": "Loss denominator.", "choices": ["weights", "nonzero_tokens"]},
+    )
+    prompt_loss_weight_schedule: str = field(
+        default="constant",
+        metadata={"help": "Schedule of the prompt weight over training.", "choices": list(SCHEDULE_KINDS)},
+    )
+    prompt_loss_weight_end: float | None = field(
+        default=None, metadata={"help": "Final prompt weight of a linear or cosine schedule."}
+    )
+    response_template: str | None = field(
+        default=None, metadata={"help": "Response template for plain-text datasets (e.g. '### Response:')."}
+    )
+    instruction_template: str | None = field(
+        default=None, metadata={"help": "Instruction template for multi-turn plain-text datasets."}
+    )
+    example_weight_column: str = field(
+        default="weight", metadata={"help": "Dataset column with a per-example weight multiplier, if present."}
+    )
+    answer_tokens: list[str] | None = field(
+        default=None, metadata={"help": "Answer strings for eval_answer_accuracy, e.g. A B C D."}
+    )
+    loss_memory_budget_mb: int | None = field(
+        default=None, metadata={"help": "Memory budget (MiB) of one tile of the fused weighted loss."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.role_weights, str):
+            try:
+                self.role_weights = json.loads(self.role_weights)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"role_weights must be a JSON object, got {self.role_weights!r}: {err}") from err
+        if self.loss_normalization not in ("weights", "nonzero_tokens"):
+            raise ValueError(
+                f"loss_normalization={self.loss_normalization!r}; use 'weights' (divide by the sum of weights) or "
+                "'nonzero_tokens' (divide by the number of tokens with a non-zero weight)."
+            )
+        if self.prompt_loss_weight_schedule not in SCHEDULE_KINDS:
+            raise ValueError(f"prompt_loss_weight_schedule must be one of {SCHEDULE_KINDS}.")
+        if self.prompt_loss_weight_schedule != "constant" and self.prompt_loss_weight_end is None:
+            raise ValueError(
+                f"prompt_loss_weight_schedule={self.prompt_loss_weight_schedule!r} needs prompt_loss_weight_end "
+                "(the weight reached at the last step)."
+            )
+        for name in ("prompt_loss_weight", "completion_loss_weight", "prompt_loss_weight_end"):
+            value = getattr(self, name)
+            if value is not None and not (value == value and abs(value) != float("inf") and value >= 0):
+                raise ValueError(f"{name}={value!r} must be a finite number >= 0.")
+
+    @property
+    def has_schedule(self) -> bool:
+        return self.prompt_loss_weight_schedule != "constant"
+
+
+class PLWTrainer(SFTTrainer):
+    """[`trl.SFTTrainer`] with real-valued per-token loss weights, a fused weighted loss and split metrics.
+
+    Example:
+    ```python
+    >>> from datasets import Dataset
+    >>> from trl_plw import PLWConfig, PLWTrainer
+    >>> data = Dataset.from_list([{"prompt": "2+2=", "completion": "4"}] * 8)
+    >>> args = PLWConfig("out", prompt_loss_weight=0.1, max_steps=2, report_to="none")
+    >>> trainer = PLWTrainer("HuggingFaceTB/SmolLM2-135M-Instruct", args=args, train_dataset=data)  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    ```
+    """
+
+    _tag_names = ["trl", "sft", "trl-plw"]
+
+    def __init__(
+        self,
+        model,
+        args: PLWConfig | None = None,
+        data_collator: DataCollatorForWeightedCompletionLM | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        **kwargs: Any,
+    ):
+        if args is None:
+            args = PLWConfig("plw-output")
+        elif not isinstance(args, PLWConfig):
+            raise TypeError(f"`args` must be a PLWConfig, got {type(args).__name__}: build it with PLWConfig(...).")
+        self._check_supported(args, data_collator, compute_loss_func, compute_metrics, preprocess_logits_for_metrics)
+        self._plw_args = args  # `_prepare_dataset` runs inside super().__init__, before `self.args` exists
+        super().__init__(
+            model,
+            args=args,
+            data_collator=None,  # ours is set below: TRL refuses a custom collator together with padding-free
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        self._check_parallelism()
+        if data_collator is None:
+            data_collator = DataCollatorForWeightedCompletionLM(
+                pad_token_id=self._tokenizer.pad_token_id,
+                tokenizer=self._tokenizer,
+                prompt_loss_weight=1.0 if args.has_schedule else args.prompt_loss_weight,
+                completion_loss_weight=args.completion_loss_weight,
+                role_weights=args.role_weights,
+                example_weight_column=args.example_weight_column,
+                padding_free=self.padding_free,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+        elif self.padding_free and not data_collator.padding_free:
+            raise ValueError(
+                "This configuration is padding-free (padding_free=True or BFD packing), but the data_collator was "
+                "built with padding_free=False. Build it with padding_free=True or leave data_collator unset."
+            )
+        data_collator.loss_weights_consumer = type(self).__name__
+        self.data_collator = data_collator
+
+        add_weighted_lm_head(
+            self.model.get_base_model() if is_peft_model(self.model) else self.model,
+            memory_budget_bytes=None if args.loss_memory_budget_mb is None else args.loss_memory_budget_mb << 20,
+        )
+        # compute_loss returns the loss already divided by the window's global denominator
+        self.loss_is_scaled_for_ga = True
+        self._answer_token_ids = self._resolve_answer_tokens(args.answer_tokens)
+        self._split_metrics = {"train": SplitMetrics(), "eval": SplitMetrics()}
+        logger.info(
+            "PLWTrainer: attention=%s, padding_free=%s, packing=%s, prompt_loss_weight=%s (%s), normalization=%s",
+            getattr(self.model.config, "_attn_implementation", "?"),
+            self.padding_free,
+            args.packing,
+            args.prompt_loss_weight,
+            args.prompt_loss_weight_schedule,
+            args.loss_normalization,
+        )
+
+    # ------------------------------------------------------------------ validation
+    @staticmethod
+    def _check_supported(args, data_collator, compute_loss_func, compute_metrics, preprocess_logits_for_metrics):
+        if compute_loss_func is not None:
+            raise ValueError(
+                "PLWTrainer does not take `compute_loss_func`: its loss is the fused weighted cross-entropy, and a "
+                "custom loss would need the full logits it exists to avoid. Subclass PLWTrainer instead."
+            )
+        if compute_metrics is not None or preprocess_logits_for_metrics is not None:
+            raise ValueError(
+                "PLWTrainer computes eval_prompt_loss, eval_completion_loss and eval_completion_accuracy itself, "
+                "without logits; `compute_metrics`/`preprocess_logits_for_metrics` would need the full logits. Use "
+                "`answer_tokens` for answer accuracy, or evaluate generations in a callback."
+            )
+        if args.loss_type != "nll":
+            raise ValueError(f"loss_type={args.loss_type!r} is not supported by PLWTrainer; only 'nll' is weighted.")
+        if args.label_smoothing_factor > 0:
+            raise ValueError("label_smoothing_factor > 0 needs full logits; PLWTrainer's fused loss does not smooth.")
+        if data_collator is not None and not isinstance(data_collator, DataCollatorForWeightedCompletionLM):
+            raise TypeError(
+                "PLWTrainer needs a DataCollatorForWeightedCompletionLM (it emits loss_weights, prompt_mask and "
+                f"completion_mask); got {type(data_collator).__name__}. Leave data_collator unset to get one."
+            )
+
+    def _check_parallelism(self) -> None:
+        config = getattr(self.accelerator, "parallelism_config", None)
+        if config is None:
+            return
+        if getattr(config, "cp_enabled", False) or getattr(config, "sp_enabled", False):
+            raise ValueError(
+                "Context/sequence parallelism shards each sequence across ranks and feeds pre-shifted labels; "
+                "PLWTrainer's weighted head shifts weights and targets itself, so it would misalign them. Use data "
+                "parallelism (DDP, FSDP2, DeepSpeed ZeRO) instead."
+            )
+
+    def _resolve_answer_tokens(self, answers: list[str] | None) -> torch.Tensor | None:
+        if not answers:
+            return None
+        ids: set[int] = set()
+        for answer in answers:
+            for text in (answer, " " + answer):
+                tokens = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+                if tokens:
+                    ids.add(tokens[0])
+        return torch.tensor(sorted(ids), dtype=torch.long)
+
+    # ------------------------------------------------------------------ data
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = [*PER_TOKEN_COLUMNS, "seq_lengths", self.args.example_weight_column]
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        args = self._plw_args
+        tokenizer = self._tokenizer
+        map_kwargs: dict[str, Any] = {}
+        if isinstance(dataset, Dataset):
+            map_kwargs["num_proc"] = args.dataset_num_proc
+
+        columns = get_dataset_column_names(dataset)
+        if "input_ids" not in columns:
+            if formatting_func is not None:
+                dataset = dataset.map(lambda ex: {"text": formatting_func(ex)}, **map_kwargs)
+            first = next(iter(dataset))
+            if is_conversational_from_value(first):
+                dataset = dataset.map(
+                    maybe_convert_to_chatml,
+                    remove_columns="conversations" if "conversations" in get_dataset_column_names(dataset) else None,
+                    **map_kwargs,
+                )
+                first = next(iter(dataset))
+            dataset = dataset.map(
+                self._tokenize_example,
+                fn_kwargs={"tokenizer": tokenizer, "text_field": args.dataset_text_field},
+                remove_columns=[c for c in ("prompt", "completion", "messages") if c in first]
+                + ([args.dataset_text_field] if args.dataset_text_field in first and "prompt" not in first else []),
+                **map_kwargs,
+            )
+        columns = get_dataset_column_names(dataset)
+        if not any(c in columns for c in SPLIT_COLUMNS):
+            if args.response_template is None:
+                raise ValueError(
+                    f"The {dataset_name} dataset has no prompt/completion split: PLWTrainer looked for the columns "
+                    "'prompt'+'completion' (prompt-completion data), 'messages' (chat data), or per-token "
+                    f"{', '.join(repr(c) for c in SPLIT_COLUMNS)} in {columns}. Provide one of them, or set "
+                    "`response_template` (and `instruction_template` for multi-turn text) in PLWConfig."
+                )
+            dataset = dataset.map(self._roles_from_templates, **map_kwargs)
+
+        per_token = [c for c in PER_TOKEN_COLUMNS if c in get_dataset_column_names(dataset)]
+        example_weight = args.example_weight_column
+        has_example_weight = example_weight in get_dataset_column_names(dataset)
+        if has_example_weight and packing:
+            # A scalar weight would be lost when rows are concatenated; spread it over the example's tokens first.
+            first_value = next(iter(dataset))[example_weight]
+            if not isinstance(first_value, list):
+                dataset = dataset.map(
+                    lambda ex: {example_weight: [float(ex[example_weight])] * len(ex["input_ids"])}, **map_kwargs
+                )
+            per_token.append(example_weight)
+
+        if args.max_length is not None and not packing:
+            if args.truncation_mode not in ("keep_start", "keep_end"):
+                raise ValueError(f"truncation_mode={args.truncation_mode!r}: use 'keep_start' or 'keep_end'.")
+            keep = slice(None, args.max_length) if args.truncation_mode == "keep_start" else slice(-args.max_length, None)
+            truncated = per_token + ([example_weight] if has_example_weight and example_weight not in per_token else [])
+
+            def truncate(example):
+                return {
+                    c: example[c][keep] if isinstance(example[c], list) else example[c]
+                    for c in truncated
+                }
+
+            dataset = dataset.map(truncate, **map_kwargs)
+
+        # An example whose completion was cut away (or that never had one) would train on its prompt alone.
+        dataset = dataset.filter(_has_completion, **map_kwargs)
+
+        if packing:
+            if args.max_length is None:
+                raise ValueError("packing=True needs max_length (the length of the packed rows).")
+            dataset = dataset.select_columns(per_token)
+            if args.shuffle_dataset:
+                dataset = dataset.shuffle(seed=args.seed)
+            dataset = pack_dataset(dataset, args.max_length, args.packing_strategy, map_kwargs)
+        elif args.shuffle_dataset:
+            dataset = dataset.shuffle(seed=args.seed)
+        return dataset
+
+    @staticmethod
+    def _tokenize_example(example: dict[str, Any], tokenizer, text_field: str) -> dict[str, Any]:
+        tools = example.get("tools")
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        if "prompt" in example and "completion" in example:
+            return tokenize_prompt_completion(tokenizer, example["prompt"], example["completion"], tools=tools)
+        if "messages" in example and is_conversational(example):
+            return tokenize_messages(tokenizer, example["messages"], tools=tools)
+        if text_field in example:
+            text = example[text_field]
+            if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
+                text += tokenizer.eos_token
+            return {"input_ids": tokenizer(text)["input_ids"]}  # special tokens as TRL adds them (e.g. BOS)
+        raise ValueError(
+            "PLWTrainer found no 'prompt'+'completion', 'messages' or "
+            f"'{text_field}' column in an example with keys {sorted(example)}."
+        )
+
+    def _roles_from_templates(self, example: dict[str, Any]) -> dict[str, Any]:
+        roles = self._template_roles(example["input_ids"])
+        return {"token_roles": roles}
+
+    @property
+    def _template_matcher(self):
+        if getattr(self, "_template_matcher_cache", None) is None:
+            from trl_plw.roles import TemplateMatcher
+
+            self._template_matcher_cache = TemplateMatcher(
+                self._tokenizer, self._plw_args.response_template, self._plw_args.instruction_template
+            )
+        return self._template_matcher_cache
+
+    def _template_roles(self, input_ids: list[int]) -> list[int]:
+        roles, found = self._template_matcher.roles(input_ids)
+        if not found:
+            raise ValueError(
+                f"response_template={self._plw_args.response_template!r} was not found in an example "
+                f"({self._tokenizer.decode(input_ids[:60])!r}...). Fix the template, or drop such examples."
+            )
+        return [int(r) for r in roles]
+
+    # ------------------------------------------------------------------ weights and denominator
+    @property
+    def current_prompt_loss_weight(self) -> float:
+        """The prompt weight in force at the current optimizer step (schedules are functions of the step)."""
+        args = self.args
+        return prompt_weight_at(
+            self.state.global_step,
+            self.state.max_steps,
+            args.prompt_loss_weight,
+            args.prompt_loss_weight_end,
+            args.prompt_loss_weight_schedule,
+        )
+
+    def _effective_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token weights in force now. With a schedule the collator put weight 1 (times role and example factors)
+        on prompt tokens, and the scheduled value multiplies them here, at loss time, so a schedule never needs
+        re-collation and stays exact under prefetching and dataloader workers."""
+        weights = batch["loss_weights"]
+        if not self.args.has_schedule:
+            return weights
+        scale = torch.where(batch["prompt_mask"], self.current_prompt_loss_weight, 1.0)
+        return weights * scale
+
+    def _denominator(self, weights: torch.Tensor) -> torch.Tensor:
+        """Local loss denominator of one batch, over predicted positions (the first token predicts nothing)."""
+        shifted = weights[..., 1:]
+        if self.args.loss_normalization == "weights":
+            return shifted.sum(dtype=torch.float64)
+        return (shifted != 0).sum().to(torch.float64)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        if not batch_samples or "loss_weights" not in batch_samples[0]:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        total = sum(self._denominator(self._effective_weights(b)) for b in batch_samples)
+        total = torch.as_tensor(total, device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total.reshape(1)).sum()
+        return total / self._tp_size
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        inputs = dict(inputs)
+        weights = self._effective_weights(inputs).float()
+        inputs.pop("loss_weights")
+        prompt_mask = inputs.pop("prompt_mask").bool()
+        completion_mask = inputs.pop("completion_mask").bool()
+        inputs.pop("labels", None)
+        input_ids = inputs["input_ids"]
+        scorable = prompt_mask | completion_mask | (weights != 0)
+        targets = torch.where(scorable, input_ids, torch.full_like(input_ids, -100))
+
+        if num_items_in_batch is None:
+            normalizer = self._denominator(weights)
+        else:
+            normalizer = torch.as_tensor(num_items_in_batch, dtype=torch.float64, device=weights.device)
+        # A window without weight has a zero numerator too; divide by 1 to return a finite 0.
+        normalizer = torch.where(normalizer > 0, normalizer, torch.ones_like(normalizer)).float()
+
+        outputs = model(
+            **inputs,
+            use_cache=False,
+            plw_weights=weights,
+            plw_targets=targets,
+            plw_normalizer=normalizer,
+            plw_score_all=mode == "eval",
+        )
+        loss = outputs.loss
+        # Like Trainer.compute_loss: the denominator counts every rank, and DDP averages gradients over ranks.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self._tp_size)
+
+        answer_mask = None
+        if self._answer_token_ids is not None:
+            answer_mask = torch.isin(input_ids[:, 1:], self._answer_token_ids.to(input_ids.device))
+        self._split_metrics[mode].update(
+            outputs.token_ce,
+            outputs.is_argmax,
+            outputs.scored,
+            weights[:, 1:],
+            prompt_mask[:, 1:],
+            completion_mask[:, 1:],
+            answer_mask,
+        )
+        if mode == "train":
+            if "attention_mask" in inputs:
+                local_tokens = inputs["attention_mask"].sum()
+            else:
+                local_tokens = torch.tensor(input_ids.numel(), device=input_ids.device)
+            self._total_train_tokens += int(self.accelerator.gather_for_metrics(local_tokens).sum()) // self._tp_size
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        split = self._split_metrics[mode]
+        if not split.empty:
+            metrics = split.compute(
+                reduce_fn=lambda t: self.accelerator.reduce(t, reduction="sum"),
+                normalization=self.args.loss_normalization,
+                include_answer=self._answer_token_ids is not None,
+            )
+            split.reset()
+            if mode == "eval":
+                # The exact weighted loss over the whole eval set, not a mean of per-batch losses
+                logs.update({f"eval_{k}": v for k, v in metrics.items()})
+            else:
+                metrics.pop("loss")  # Trainer already logs the optimized loss
+                metrics.pop("sequence_loss", None)
+                logs.update(metrics)
+                logs["prompt_loss_weight"] = self.current_prompt_loss_weight
+        super().log(logs, start_time)
+
+
+def _has_completion(example: dict[str, Any]) -> bool:
+    if "loss_weights" in example:
+        return any(w != 0 for w in example["loss_weights"])
+    if "token_roles" in example:
+        return int(Role.COMPLETION) in example["token_roles"]
+    if "completion_mask" in example:
+        return 1 in example["completion_mask"]
+    if "assistant_masks" in example:
+        return 1 in example["assistant_masks"]
+    return True

@@ -1,0 +1,41 @@
+"""Two CPU processes (accelerate launch, gloo) match one process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent / "scripts" / "one_step.py"
+
+
+def launch(num_processes: int, per_device_batch: int, out: Path, normalization: str) -> dict:
+    # `--cpu` would pick accelerate's single-process launcher (multi-CPU needs MPI); `--multi_gpu` goes through
+    # torchrun, and with no visible GPU accelerate sets up a gloo process group on CPU.
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    launcher = ["--multi_gpu"] if num_processes > 1 else []
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(num_processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        str(SCRIPT), str(out), str(per_device_batch), normalization,
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("normalization", ["weights", "nonzero_tokens"])
+def test_two_processes_match_one(tmp_path, normalization):
+    single = launch(1, 4, tmp_path / "single.pt", normalization)
+    double = launch(2, 2, tmp_path / "double.pt", normalization)
+    assert single.pop("world_size") == 1 and double.pop("world_size") == 2  # really distributed
+    for name in single:
+        torch.testing.assert_close(double[name], single[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -1,0 +1,391 @@
+"""PLWTrainer: equivalence with TRL's SFTTrainer, packing, accumulation, metrics, schedules, bad input.
+
+Tiny random Llama models (fp32, CPU) with the real SmolLM2 tokenizer, so tokenization parity with TRL is tested too.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from trl_plw import PLWConfig, PLWTrainer
+
+PAIRS = [
+    ("What is the capital of France? Answer in one word.", "Paris"),
+    ("Add two and three.", "Five, since 2 + 3 = 5."),
+    ("Name a primary colour.", "Red"),
+    ("Translate 'gato' from Spanish to English, please, with a short explanation.", "Cat: 'gato' is Spanish for cat."),
+    ("Say hi.", "Hi!"),
+    ("Which is larger, 7 or 9?", "9 is larger."),
+    ("Spell 'dog' backwards.", "god"),
+    ("What colour is the sky on a clear day?", "Blue."),
+]
+
+
+def prompt_completion_dataset(conversational: bool, n: int = 8) -> Dataset:
+    rows = []
+    for prompt, completion in PAIRS[:n]:
+        if conversational:
+            rows.append(
+                {"prompt": [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": completion}]}
+            )
+        else:
+            rows.append({"prompt": f"Question: {prompt}\nAnswer:", "completion": f" {completion}"})
+    return Dataset.from_list(rows)
+
+
+def common_args(**overrides):
+    base = dict(
+        output_dir="unused",
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        bf16=False,  # SFTConfig enables bf16 autocast wherever supported, CPUs with AVX512-BF16 included
+    )
+    base.update(overrides)
+    return base
+
+
+def tiny(vocab_size: int, **kwargs):
+    return make_tiny_llama(vocab_size=vocab_size, hidden_size=32, num_layers=2, **kwargs)
+
+
+def loss_and_grads(trainer, batch):
+    model = trainer.model
+    model.train()
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def assert_grads_close(a, b, rtol=1e-5, atol=1e-7):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=f"gradient of {name}")
+
+
+def first_rows(dataset, n):
+    return [dataset[i] for i in range(n)]
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+@pytest.mark.parametrize("plw", [1.0, 0.0])
+def test_matches_sft_trainer(smollm2_tokenizer, tmp_path, conversational, plw):
+    """PLW=1 reproduces SFTTrainer's full-sequence loss; PLW=0 reproduces completion_only_loss=True."""
+    data = prompt_completion_dataset(conversational)
+    model = tiny(len(smollm2_tokenizer))
+    sft = SFTTrainer(
+        copy.deepcopy(model),
+        args=SFTConfig(**common_args(output_dir=str(tmp_path / "sft"), completion_only_loss=plw == 0.0)),
+        train_dataset=data,
+        processing_class=smollm2_tokenizer,
+    )
+    ours = PLWTrainer(
+        copy.deepcopy(model),
+        args=PLWConfig(**common_args(output_dir=str(tmp_path / "plw"), prompt_loss_weight=plw)),
+        train_dataset=data,
+        processing_class=smollm2_tokenizer,
+    )
+    sft_rows, our_rows = first_rows(sft.train_dataset, 4), first_rows(ours.train_dataset, 4)
+    assert [r["input_ids"] for r in sft_rows] == [r["input_ids"] for r in our_rows]  # same tokenization as TRL
+    sft_loss, sft_grads = loss_and_grads(sft, sft.data_collator(sft_rows))
+    our_loss, our_grads = loss_and_grads(ours, ours.data_collator(our_rows))
+    torch.testing.assert_close(our_loss, sft_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(our_grads, sft_grads)
+
+
+def reference_weighted_loss(model, batch, plw, normalization="weights"):
+    """Full-logits reference on a padded batch: sum(w * ce) / denominator, with the shift done here."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits[:, :-1].float()
+    targets = batch["input_ids"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    ce = ce.view_as(targets)
+    w = batch["loss_weights"][:, 1:]
+    denominator = w.sum() if normalization == "weights" else (w != 0).sum()
+    return (w * ce).sum() / denominator, ce
+
+
+@pytest.mark.parametrize("normalization", ["weights", "nonzero_tokens"])
+def test_fractional_plw_matches_full_logits_reference(smollm2_tokenizer, tmp_path, normalization):
+    data = prompt_completion_dataset(conversational=True)
+    model = tiny(len(smollm2_tokenizer))
+    reference_model = copy.deepcopy(model).train()  # copied before the trainer patches the forward
+    trainer = PLWTrainer(
+        model,
+        args=PLWConfig(**common_args(output_dir=str(tmp_path), prompt_loss_weight=0.1, loss_normalization=normalization)),
+        train_dataset=data,
+        processing_class=smollm2_tokenizer,
+    )
+    batch = trainer.data_collator(first_rows(trainer.train_dataset, 4))
+    weights = batch["loss_weights"]
+    assert torch.unique(weights).tolist() == pytest.approx([0.0, 0.1, 1.0])
+    loss, grads = loss_and_grads(trainer, batch)
+    reference, _ = reference_weighted_loss(reference_model, batch, 0.1, normalization)
+    reference.backward()
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-6)
+    ref_grads = {n: p.grad for n, p in reference_model.named_parameters() if p.grad is not None}
+    assert_grads_close(grads, ref_grads)
+
+
+def test_padding_free_and_packed_equal_padded(smollm2_tokenizer, tmp_path):
+    data = prompt_completion_dataset(conversational=True)
+    model = tiny(len(smollm2_tokenizer))
+    padded = PLWTrainer(
+        copy.deepcopy(model),
+        args=PLWConfig(**common_args(output_dir=str(tmp_path / "a"), prompt_loss_weight=0.2)),
+        train_dataset=data,
+        processing_class=smollm2_tokenizer,
+    )
+    padding_free = PLWTrainer(
+        copy.deepcopy(model),
+        args=PLWConfig(
+            **common_args(output_dir=str(tmp_path / "b"), prompt_loss_weight=0.2, padding_free=True, max_length=None)
+        ),
+        train_dataset=data,
+        processing_class=smollm2_tokenizer,
+    )
+    rows = first_rows(padded.train_dataset, 4)
+    padded_batch = padded.data_collator(rows)
+    free_batch = padding_free.data_collator(rows)
+    assert "attention_mask" not in free_batch and free_batch["input_ids"].shape[0] == 1
+    loss_a, grads_a = loss_and_grads(padded, padded_batch)
+    loss_b, grads_b = loss_and_grads(padding_free, free_batch)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads_b, grads_a, rtol=1e-4, atol=1e-6)
+
+    # BFD-packed rows of the same examples (the trainer's own packing pipeline) give the same loss
+    packed = PLWTrainer(
+        copy.deepcopy(model),
+        args=PLWConfig(**common_args(output_dir=str(tmp_path / "c"), prompt_loss_weight=0.2, packing=True, max_length=4096)),
+        train_dataset=data.select(range(4)),
+        processing_class=smollm2_tokenizer,
+    )
+    packed_rows = list(packed.train_dataset)
+    assert len(packed_rows) == 1 and len(packed_rows[0]["seq_lengths"]) == 4
+    loss_c, grads_c = loss_and_grads(packed, packed.data_collator(packed_rows))
+    torch.testing.assert_close(loss_c, loss_a, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads_c, grads_a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalization", ["weights", "nonzero_tokens"])
+def test_gradient_accumulation_equals_big_batch(smollm2_tokenizer, tmp_path, normalization):
+    """One SGD step: batch 4 x accumulation 1 == batch 1 x accumulation 4 (a global denominator, not a mean of
+    per-micro-batch means; the examples have very different lengths, so a mean of means would differ)."""
+    data = prompt_completion_dataset(conversational=True, n=4)
+    model = tiny(len(smollm2_tokenizer))
+    params = []
+    for batch_size, accumulation in ((4, 1), (1, 4)):
+        trainer = PLWTrainer(
+            copy.deepcopy(model),
+            args=PLWConfig(
+                **common_args(
+                    output_dir=str(tmp_path / f"{batch_size}"),
+                    per_device_train_batch_size=batch_size,
+                    gradient_accumulation_steps=accumulation,
+                    prompt_loss_weight=0.1,
+                    loss_normalization=normalization,
+                )
+            ),
+            train_dataset=data,
+            processing_class=smollm2_tokenizer,
+        )
+        trainer.train()
+        params.append({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    moved = max((params[0][n] - model.state_dict()[n]).abs().max().item() for n in params[0])
+    assert moved > 1e-4  # the step did something
+    for name in params[0]:
+        torch.testing.assert_close(params[1][name], params[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_eval_metrics_split_prompt_and_completion(smollm2_tokenizer, tmp_path):
+    """Prompt loss is reported even at PLW=0; every metric matches a full-logits reference over the eval set."""
+    data = prompt_completion_dataset(conversational=True)
+    trainer = PLWTrainer(
+        tiny(len(smollm2_tokenizer)),
+        args=PLWConfig(
+            **common_args(output_dir=str(tmp_path), prompt_loss_weight=0.0, per_device_eval_batch_size=3),
+            answer_tokens=["Paris", "Red", "god"],
+        ),
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=smollm2_tokenizer,
+    )
+    metrics = trainer.evaluate()
+    for key in ("eval_loss", "eval_prompt_loss", "eval_completion_loss", "eval_sequence_loss", "eval_completion_accuracy", "eval_answer_accuracy"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+
+    # Reference: full logits over the whole prepared eval set
+    model = trainer.model.eval()
+    collator = copy.copy(trainer.data_collator)
+    batch = collator(list(trainer.eval_dataset))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits = logits[:, :-1].float()
+    targets = batch["input_ids"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    prompt, completion = batch["prompt_mask"][:, 1:], batch["completion_mask"][:, 1:]
+    assert prompt.any() and completion.any()
+    top = logits.max(-1)
+    correct = (logits.gather(-1, targets[..., None])[..., 0] >= top.values) & ((logits == top.values[..., None]).sum(-1) == 1)
+    assert metrics["eval_prompt_loss"] == pytest.approx(ce[prompt].mean().item(), rel=1e-5)
+    assert metrics["eval_completion_loss"] == pytest.approx(ce[completion].mean().item(), rel=1e-5)
+    assert metrics["eval_loss"] == pytest.approx(ce[completion].mean().item(), rel=1e-5)  # PLW=0
+    both = prompt | completion
+    assert metrics["eval_sequence_loss"] == pytest.approx(ce[both].mean().item(), rel=1e-5)
+    assert metrics["eval_completion_accuracy"] == pytest.approx(correct[completion].float().mean().item(), abs=1e-6)
+
+
+def test_schedule_moves_prompt_weight_and_resumes_exactly(smollm2_tokenizer, tmp_path):
+    data = prompt_completion_dataset(conversational=True)
+    args = dict(
+        common_args(per_device_train_batch_size=2, max_steps=4, save_strategy="steps", save_steps=2),
+        prompt_loss_weight=1.0,
+        prompt_loss_weight_end=0.0,
+        prompt_loss_weight_schedule="linear",
+    )
+    model = tiny(len(smollm2_tokenizer))
+    full = PLWTrainer(
+        copy.deepcopy(model), args=PLWConfig(**{**args, "output_dir": str(tmp_path / "full")}),
+        train_dataset=data, processing_class=smollm2_tokenizer,
+    )
+    full.train()
+    logged = [e["prompt_loss_weight"] for e in full.state.log_history if "prompt_loss_weight" in e]
+    # Logged after each optimizer step, i.e. the weight in force for the next step
+    assert logged == pytest.approx([0.75, 0.5, 0.25, 0.0])
+
+    resumed_dir = str(tmp_path / "resumed")
+    first = PLWTrainer(
+        copy.deepcopy(model), args=PLWConfig(**{**args, "output_dir": resumed_dir, "max_steps": 4}),
+        train_dataset=data, processing_class=smollm2_tokenizer,
+    )
+    first.train()  # writes checkpoint-2 and checkpoint-4
+    second = PLWTrainer(
+        copy.deepcopy(model), args=PLWConfig(**{**args, "output_dir": resumed_dir}),
+        train_dataset=data, processing_class=smollm2_tokenizer,
+    )
+    second.train(resume_from_checkpoint=f"{resumed_dir}/checkpoint-2")
+    resumed = [e["prompt_loss_weight"] for e in second.state.log_history if "prompt_loss_weight" in e]
+    assert resumed[-2:] == pytest.approx([0.25, 0.0])
+    for (name, p), q in zip(full.model.named_parameters(), second.model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_best_model_on_completion_loss_with_early_stopping(smollm2_tokenizer, tmp_path):
+    from transformers import EarlyStoppingCallback
+
+    data = prompt_completion_dataset(conversational=True)
+    trainer = PLWTrainer(
+        tiny(len(smollm2_tokenizer)),
+        args=PLWConfig(
+            **common_args(
+                output_dir=str(tmp_path), max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                save_steps=2, learning_rate=0.5,
+            ),
+            prompt_loss_weight=0.1,
+            metric_for_best_model="completion_loss",
+            load_best_model_at_end=True,
+        ),
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=smollm2_tokenizer,
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=1)],
+    )
+    trainer.train()
+    evals = [e for e in trainer.state.log_history if "eval_completion_loss" in e]
+    assert evals
+    assert trainer.state.best_metric == pytest.approx(min(e["eval_completion_loss"] for e in evals))
+
+
+def test_unsupported_combinations_raise(smollm2_tokenizer, tmp_path):
+    data = prompt_completion_dataset(conversational=False)
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        PLWTrainer(
+            tiny(len(smollm2_tokenizer)), args=PLWConfig(**common_args(output_dir=str(tmp_path))), train_dataset=data,
+            processing_class=smollm2_tokenizer, compute_loss_func=lambda *a, **k: 0,
+        )
+    with pytest.raises(ValueError, match="compute_metrics"):
+        PLWTrainer(
+            tiny(len(smollm2_tokenizer)), args=PLWConfig(**common_args(output_dir=str(tmp_path))), train_dataset=data,
+            processing_class=smollm2_tokenizer, compute_metrics=lambda p: {},
+        )
+    with pytest.raises(ValueError, match="prompt_loss_weight_end"):
+        PLWConfig(**common_args(output_dir=str(tmp_path)), prompt_loss_weight_schedule="cosine")
+    with pytest.raises(ValueError, match="loss_normalization"):
+        PLWConfig(**common_args(output_dir=str(tmp_path)), loss_normalization="mean")
+    with pytest.raises(ValueError, match="prompt_loss_weight"):
+        PLWConfig(**common_args(output_dir=str(tmp_path)), prompt_loss_weight=float("nan"))
+
+
+def test_dataset_without_split_names_the_columns(smollm2_tokenizer, tmp_path):
+    data = Dataset.from_list([{"text": "just some text without any structure"}] * 4)
+    with pytest.raises(ValueError, match=r"'prompt'\+'completion'.*'messages'.*response_template"):
+        PLWTrainer(
+            tiny(len(smollm2_tokenizer)), args=PLWConfig(**common_args(output_dir=str(tmp_path))), train_dataset=data,
+            processing_class=smollm2_tokenizer,
+        )
+
+
+def test_text_dataset_with_response_template(smollm2_tokenizer, tmp_path):
+    rows = [{"text": f"### Instruction:\n{p}\n\n### Response:\n{c}"} for p, c in PAIRS]
+    trainer = PLWTrainer(
+        tiny(len(smollm2_tokenizer)),
+        args=PLWConfig(**common_args(output_dir=str(tmp_path)), prompt_loss_weight=0.5, response_template="### Response:"),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=smollm2_tokenizer,
+    )
+    batch = trainer.data_collator(first_rows(trainer.train_dataset, 2))
+    row = batch["input_ids"][0][batch["completion_mask"][0]]
+    assert smollm2_tokenizer.decode(row).strip().startswith(PAIRS[0][1][:5])
+    assert set(batch["loss_weights"][batch["prompt_mask"]].unique().tolist()) == {0.5}
+
+
+def test_messages_and_pretokenized_datasets(smollm2_tokenizer, tmp_path):
+    messages = Dataset.from_list(
+        [
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}, {"role": "assistant", "content": c}]}
+            for p, c in PAIRS
+        ]
+    )
+    chat = PLWTrainer(
+        tiny(len(smollm2_tokenizer)),
+        args=PLWConfig(**common_args(output_dir=str(tmp_path / "m")), prompt_loss_weight=0.3, role_weights={"system": 0.0}),
+        train_dataset=messages,
+        processing_class=smollm2_tokenizer,
+    )
+    batch = chat.data_collator(first_rows(chat.train_dataset, 2))
+    completion_text = smollm2_tokenizer.decode(batch["input_ids"][0][batch["completion_mask"][0]])
+    assert PAIRS[0][1] in completion_text and PAIRS[0][0] not in completion_text
+    assert batch["loss_weights"].unique().tolist() == pytest.approx([0.0, 0.3, 1.0])  # system tokens: 0
+    assert math.isfinite(chat.compute_loss(chat.model, dict(batch)).item())
+
+    pretokenized = Dataset.from_list(
+        [{"input_ids": [5, 6, 7, 8, 9], "loss_weights": [0.0, 0.2, 0.2, 1.0, 1.0]}, {"input_ids": [5, 6, 7], "completion_mask": [0, 1, 1]}][:1]
+        * 4
+    )
+    trainer = PLWTrainer(
+        tiny(len(smollm2_tokenizer)),
+        args=PLWConfig(**common_args(output_dir=str(tmp_path / "p"))),
+        train_dataset=pretokenized,
+        processing_class=smollm2_tokenizer,
+    )
+    batch = trainer.data_collator(first_rows(trainer.train_dataset, 2))
+    torch.testing.assert_close(batch["loss_weights"][0], torch.tensor([0.0, 0.2, 0.2, 1.0, 1.0]))
