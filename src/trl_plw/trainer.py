@@ -191,6 +191,8 @@ class PLWTrainer(SFTTrainer):
         elif not isinstance(args, PLWConfig):
             raise TypeError(f"`args` must be a PLWConfig, got {type(args).__name__}: build it with PLWConfig(...).")
         self._check_supported(args, data_collator, compute_loss_func, compute_metrics, preprocess_logits_for_metrics)
+        if isinstance(model, str):
+            model = self._prepare_model_name(model, args)
         self._plw_args = args  # `_prepare_dataset` runs inside super().__init__, before `self.args` exists
         super().__init__(
             model,
@@ -229,9 +231,17 @@ class PLWTrainer(SFTTrainer):
         self.loss_is_scaled_for_ga = True
         self._answer_token_ids = self._resolve_answer_tokens(args.answer_tokens)
         self._split_metrics = {"train": SplitMetrics(), "eval": SplitMetrics()}
+        attention = getattr(self.model.config, "_attn_implementation", None)
+        if self.padding_free and self.args.device.type == "cuda" and attention in ("sdpa", "eager"):
+            logger.warning(
+                "Packed batches run with attn_implementation=%r, which builds a dense block-diagonal mask; "
+                "'plw_varlen' (torch's varlen flash kernel) or 'flash_attention_2' avoid it: load the model with "
+                "attn_implementation='plw_varlen' after `import trl_plw.attention`.",
+                attention,
+            )
         logger.info(
             "PLWTrainer: attention=%s, padding_free=%s, packing=%s, prompt_loss_weight=%s (%s), normalization=%s",
-            getattr(self.model.config, "_attn_implementation", "?"),
+            attention,
             self.padding_free,
             args.packing,
             args.prompt_loss_weight,
@@ -240,6 +250,19 @@ class PLWTrainer(SFTTrainer):
         )
 
     # ------------------------------------------------------------------ validation
+    @staticmethod
+    def _prepare_model_name(model: str, args: PLWConfig) -> str:
+        """Resolve the offline default alias, and pick an attention backend for the device unless one is given."""
+        from trl_plw.attention import select_attn_implementation
+        from trl_plw.models import resolve_model_path
+
+        kwargs = dict(args.model_init_kwargs or {})
+        if kwargs.get("attn_implementation") in (None, "auto"):
+            packed = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
+            kwargs["attn_implementation"] = select_attn_implementation(args.device, packed=packed)
+        args.model_init_kwargs = kwargs
+        return resolve_model_path(model)
+
     @staticmethod
     def _check_supported(args, data_collator, compute_loss_func, compute_metrics, preprocess_logits_for_metrics):
         if compute_loss_func is not None:
