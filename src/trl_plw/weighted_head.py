@@ -56,6 +56,8 @@ def add_weighted_lm_head(model, memory_budget_bytes: int | None = None) -> None:
     """
     if getattr(model, _PATCHED_FLAG, False):
         return
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
     from trl_plw.ops import weighted_linear_cross_entropy
 
     previous_forward = model.forward
@@ -91,20 +93,24 @@ def add_weighted_lm_head(model, memory_budget_bytes: int | None = None) -> None:
         if hasattr(weight, "full_tensor"):  # FSDP2 DTensor: gather the head once, like TRL's fused head
             weight = weight.full_tensor()
             bias = bias.full_tensor() if bias is not None else None
-        loss, stats = weighted_linear_cross_entropy(
-            hidden.reshape(-1, hidden_size).to(weight.device),
-            weight,
-            targets.reshape(-1).to(weight.device),
-            weights.reshape(-1).to(weight.device),
-            bias=bias,
-            reduction="mean" if plw_normalizer is None else "sum",
-            normalizer=plw_normalizer,
-            softcap=softcap,
-            logit_scale=logit_scale,
-            return_token_stats=True,
-            score_zero_weight_tokens=plw_score_all,
-            memory_budget_bytes=memory_budget_bytes,
-        )
+        # DeepSpeed ZeRO-3 shards the head to empty placeholders outside its own forward; TRL's helper gathers it
+        # for the duration of this direct access. The kernel forms its gradients in this forward, so the backward
+        # needs no second gather.
+        with maybe_gather_lm_head_ctx(weight, bias):
+            loss, stats = weighted_linear_cross_entropy(
+                hidden.reshape(-1, hidden_size).to(weight.device),
+                weight,
+                targets.reshape(-1).to(weight.device),
+                weights.reshape(-1).to(weight.device),
+                bias=bias,
+                reduction="mean" if plw_normalizer is None else "sum",
+                normalizer=plw_normalizer,
+                softcap=softcap,
+                logit_scale=logit_scale,
+                return_token_stats=True,
+                score_zero_weight_tokens=plw_score_all,
+                memory_budget_bytes=memory_budget_bytes,
+            )
 
         def per_token(x: torch.Tensor) -> torch.Tensor:
             return x.view(batch, seq_len)[:, :-1]
