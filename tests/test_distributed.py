@@ -13,14 +13,20 @@ import torch
 SCRIPT = Path(__file__).parent / "scripts" / "one_step.py"
 
 
-def launch(num_processes: int, per_device_batch: int, out: Path, normalization: str) -> dict:
+FSDP2 = [
+    "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+    "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+]  # fmt: skip
+
+
+def launch(num_processes: int, per_device_batch: int, out: Path, normalization: str, extra=()) -> dict:
     # `--cpu` would pick accelerate's single-process launcher (multi-CPU needs MPI); `--multi_gpu` goes through
     # torchrun, and with no visible GPU accelerate sets up a gloo process group on CPU.
     env = {
         **os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
         "CUDA_VISIBLE_DEVICES": "",
     }
-    launcher = ["--multi_gpu"] if num_processes > 1 else []
+    launcher = list(extra) or (["--multi_gpu"] if num_processes > 1 else [])
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(num_processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
@@ -32,10 +38,13 @@ def launch(num_processes: int, per_device_batch: int, out: Path, normalization: 
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("normalization", ["weights", "nonzero_tokens"])
-def test_two_processes_match_one(tmp_path, normalization):
+@pytest.mark.parametrize(
+    ("normalization", "strategy"), [("weights", "ddp"), ("nonzero_tokens", "ddp"), ("weights", "fsdp2")]
+)
+def test_two_processes_match_one(tmp_path, normalization, strategy):
+    """Same global batch of 4: one process x 4 examples vs two processes x 2 (DDP, or FSDP2 with a sharded head)."""
     single = launch(1, 4, tmp_path / "single.pt", normalization)
-    double = launch(2, 2, tmp_path / "double.pt", normalization)
+    double = launch(2, 2, tmp_path / "double.pt", normalization, FSDP2 if strategy == "fsdp2" else ())
     assert single.pop("world_size") == 1 and double.pop("world_size") == 2  # really distributed
     for name in single:
         torch.testing.assert_close(double[name], single[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -32,8 +32,12 @@ def main(out_path: str, per_device_batch: int, normalization: str) -> None:
         processing_class=tokenizer,
     )
     trainer.train()
+    # Under FSDP2 parameters are sharded DTensors: gather them on every rank (a collective), save on rank 0.
+    state = {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+        for n, p in trainer.model.named_parameters()
+    }
     if trainer.accelerator.is_main_process:
-        state = {n: p.detach().cpu() for n, p in trainer.model.named_parameters()}
         torch.save({**state, "world_size": trainer.accelerator.num_processes}, out_path)
 
 
