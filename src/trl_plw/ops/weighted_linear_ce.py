@@ -41,6 +41,10 @@ __all__ = [
 #: per call; set to ``False`` (or pass ``validate=False``) to skip them on GPU once the data pipeline is trusted.
 VALIDATE_VALUES = True
 
+#: Tile layout: ``[V, n]`` ("vocab-major", the projection is ``W @ h.T``) or ``[n, V]``. None = auto: vocab-major on
+#: CPU, where MKL runs ``W @ h.T`` faster than ``h @ W.T`` for small n; row-major elsewhere.
+VOCAB_MAJOR_TILES: bool | None = None
+
 _MiB = 1 << 20
 _CPU_DEFAULT_BUDGET = 256 * _MiB
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -68,18 +72,23 @@ class _HeadConfig:
     acc_dtype: torch.dtype  # logits tile, softmax, gradient accumulators: fp32 (fp64 for fp64 inputs)
     rows: int  # tokens per tile
     want_argmax: bool
+    vocab_major: bool = False  # tile layout [V, n] instead of [n, V] (faster projection GEMM with MKL on CPU)
 
 
-def default_memory_budget(device: torch.device) -> int:
+def default_memory_budget(device: torch.device, weight_grad_bytes: int | None = None) -> int:
     """Bytes the per-tile buffers may use when ``memory_budget_bytes`` is None.
 
-    256 MiB on CPU (measured: larger tiles do not make the matmuls faster there); on CUDA 1/64 of the device memory,
-    clamped to [256 MiB, 4 GiB] (1.25 GiB on an 80 GB GPU).
+    CPU: 1/8 of the fp32 weight-gradient buffer (``V * H * 4``, which any trainable head needs anyway), clamped to
+    [16 MiB, 256 MiB]; so the tiles add at most ~12% to the gradient memory, and for large heads the tiles are big
+    enough (>= 256 rows) that the ``grad_W += D.T @ h`` accumulation stays compute-bound. CUDA: 1/64 of the device
+    memory, clamped to [256 MiB, 4 GiB] (1.25 GiB on an 80 GB GPU).
     """
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         return int(min(max(total // 64, 256 * _MiB), 4096 * _MiB))
-    return _CPU_DEFAULT_BUDGET
+    if weight_grad_bytes is None:
+        return _CPU_DEFAULT_BUDGET
+    return int(min(max(weight_grad_bytes // 8, 16 * _MiB), _CPU_DEFAULT_BUDGET))
 
 
 def rows_per_tile(
@@ -97,8 +106,9 @@ def rows_per_tile(
     if compute_dtype != acc_dtype:
         per_row += vocab_size * torch.empty((), dtype=compute_dtype).element_size()
     rows = max(1, int(memory_budget_bytes) // per_row)
-    if rows >= 128:
-        rows -= rows % 64  # matmul-friendly sizes
+    for step in (64, 16):  # matmul-friendly sizes
+        if rows >= 2 * step:
+            return rows - rows % step
     return rows
 
 
@@ -148,18 +158,25 @@ def _mm_into(out, a, b, *, accumulate=False, mixed=False, scratch=None) -> None:
 
 
 def _logits_into(tile, lp_tile, h_rows, w_c, bias_f, fold, cfg, mixed) -> None:
-    """``tile = fold * (h_rows @ W.T + b)`` in the accumulation dtype (``bias_f`` is already multiplied by fold)."""
+    """``tile = fold * (h_rows @ W.T + b)`` in the accumulation dtype (``bias_f`` is already multiplied by fold).
+
+    With ``cfg.vocab_major`` the tile holds the transpose, ``[V, n]`` (computed as ``W @ h_rows.T``).
+    """
+    vm = cfg.vocab_major
     if cfg.compute_dtype == cfg.acc_dtype:
         hs = h_rows if fold == 1.0 else h_rows * fold
+        a, b = (w_c, hs.t()) if vm else (hs, w_c.t())
         if bias_f is not None:
-            torch.addmm(bias_f, hs, w_c.t(), out=tile)
+            torch.addmm(bias_f.unsqueeze(1) if vm else bias_f, a, b, out=tile)
         else:
-            torch.mm(hs, w_c.t(), out=tile)
+            torch.mm(a, b, out=tile)
         return
     # Matmul inputs in the autocast dtype (like nn.Linear under autocast), everything after it in fp32
-    _mm_into(tile, h_rows.to(cfg.compute_dtype), w_c.t(), mixed=mixed, scratch=lp_tile)
+    h_lp = h_rows.to(cfg.compute_dtype)
+    a, b = (w_c, h_lp.t()) if vm else (h_lp, w_c.t())
+    _mm_into(tile, a, b, mixed=mixed, scratch=lp_tile)
     if bias_f is not None:
-        torch.add(bias_f, tile, alpha=fold, out=tile)
+        torch.add(bias_f.unsqueeze(1) if vm else bias_f, tile, alpha=fold, out=tile)
     elif fold != 1.0:
         tile.mul_(fold)
 
@@ -191,9 +208,11 @@ def _head_pass(h, w, b, targets, coef, cfg: _HeadConfig, need_gh=False, need_gw=
         return ce, is_argmax, gh, gw, gb
 
     rows = min(cfg.rows, M)
-    tile_buf = torch.empty(rows, V, dtype=acc, device=dev)
-    lp_buf = torch.empty(rows, V, dtype=cfg.compute_dtype, device=dev) if lp else None
-    sq_buf = torch.empty(rows, V, dtype=acc, device=dev) if (cfg.softcap is not None and grads) else None
+    vm = cfg.vocab_major
+    # flat buffers, so that the ragged last tile is a contiguous view in either layout
+    tile_buf = torch.empty(rows * V, dtype=acc, device=dev)
+    lp_buf = torch.empty(rows * V, dtype=cfg.compute_dtype, device=dev) if lp else None
+    sq_buf = torch.empty(rows * V, dtype=acc, device=dev) if (cfg.softcap is not None and grads) else None
     w_c = w if w.dtype == cfg.compute_dtype else w.to(cfg.compute_dtype)
     # logit_scale (and 1/softcap) is folded into the [n, H] rows instead of a pass over the [n, V] tile
     fold = cfg.logit_scale if cfg.softcap is None else cfg.logit_scale / cfg.softcap
@@ -203,14 +222,18 @@ def _head_pass(h, w, b, targets, coef, cfg: _HeadConfig, need_gh=False, need_gw=
     arange = torch.arange(rows, device=dev)
     target_logit = torch.empty(M, dtype=acc, device=dev)
     p_target = torch.empty(M, dtype=acc, device=dev)
+    vdim = 0 if vm else 1  # the vocabulary dimension of the tile
+
+    def shaped(buf, n):
+        return None if buf is None else buf[: n * V].view((V, n) if vm else (n, V))
 
     for start in range(0, M, rows):
         end = min(start + rows, M)
         n = end - start
-        tile = tile_buf[:n]
-        lp_tile = lp_buf[:n] if lp else None
+        tile, lp_tile, sq = shaped(tile_buf, n), shaped(lp_buf, n), shaped(sq_buf, n)
         r = arange[:n]
         tgt = targets[start:end]
+        at = (tgt, r) if vm else (r, tgt)  # the target logit of every token
         h_rows = h[start:end]
         if not lp and h_rows.dtype != acc:
             h_rows = h_rows.to(acc)
@@ -218,45 +241,47 @@ def _head_pass(h, w, b, targets, coef, cfg: _HeadConfig, need_gh=False, need_gw=
         _logits_into(tile, lp_tile, h_rows, w_c, bias_f, fold, cfg, mixed)
         if cfg.softcap is not None:
             tile.tanh_()  # t = tanh(y * scale / softcap)
-            if sq_buf is not None:
-                torch.mul(tile, tile, out=sq_buf[:n])
+            if sq is not None:
+                torch.mul(tile, tile, out=sq)
             tile.mul_(cfg.softcap)
-        z_t = tile[r, tgt]
+        z_t = tile[at]
         target_logit[start:end] = z_t
         if is_argmax is not None:
             # the largest *other* logit: hide the target, reduce, restore (no [n, V] temporary)
-            tile[r, tgt] = -math.inf
-            is_argmax[start:end] = z_t > tile.amax(dim=1)
-            tile[r, tgt] = z_t
-        torch.softmax(tile, dim=-1, out=tile)  # in place, fused max/exp/sum/normalize per row
-        p_t = tile[r, tgt]
+            tile[at] = -math.inf
+            is_argmax[start:end] = z_t > tile.amax(dim=vdim)
+            tile[at] = z_t
+        torch.softmax(tile, dim=vdim, out=tile)  # in place
+        p_t = tile[at]
         p_target[start:end] = p_t
         if not grads:
             continue
 
-        tile[r, tgt] = p_t - 1  # P - onehot
-        if sq_buf is not None:
-            tile.addcmul_(tile, sq_buf[:n], value=-1)  # * (1 - t^2)
+        tile[at] = p_t - 1  # P - onehot
+        if sq is not None:
+            tile.addcmul_(tile, sq, value=-1)  # * (1 - t^2)
         c = coef[start:end]
         if lp and (need_gh or (need_gw and mixed)):
             lp_tile.copy_(tile)  # the logits gradient as the matmul input dtype, like autocast's backward
+        d = tile.t() if vm else tile  # [n, V] view of the logits gradient
+        d_lp = None if lp_tile is None else (lp_tile.t() if vm else lp_tile)
         if need_gh:
             g = gh[start:end]
-            _mm_into(g, lp_tile if lp else tile, w_c, mixed=mixed)
+            _mm_into(g, d_lp if lp else d, w_c, mixed=mixed)
             g.mul_(c.unsqueeze(1))
         if need_gw:
             hc = h_rows.to(cfg.compute_dtype).to(acc) if lp else h_rows
             hc = hc * c.unsqueeze(1)
             if mixed:
-                _mm_into(gw, lp_tile.t(), hc.to(cfg.compute_dtype), accumulate=start > 0, mixed=True)
+                _mm_into(gw, d_lp.t(), hc.to(cfg.compute_dtype), accumulate=start > 0, mixed=True)
             else:
                 # fp32 GEMM over the fp32 tile: no per-tile rounding of the product before accumulation
-                _mm_into(gw, tile.t(), hc, accumulate=start > 0)
+                _mm_into(gw, d.t(), hc, accumulate=start > 0)
         if need_gb:
             if start == 0:
-                torch.mv(tile.t(), c, out=gb)
+                torch.mv(d.t(), c, out=gb)
             else:
-                gb.addmv_(tile.t(), c)
+                gb.addmv_(d.t(), c)
 
     torch.log(p_target, out=ce).neg_()
     # -log(p) loses precision once p is subnormal (ce > ~87 in fp32): recompute those rows' logsumexp exactly
@@ -265,15 +290,15 @@ def _head_pass(h, w, b, targets, coef, cfg: _HeadConfig, need_gh=False, need_gw=
     if bool(low.any()):
         idx = low.nonzero().squeeze(1)
         k = idx.numel()
-        z = torch.empty(k, V, dtype=acc, device=dev)
-        lp_z = torch.empty(k, V, dtype=cfg.compute_dtype, device=dev) if lp else None
+        z = torch.empty((V, k) if vm else (k, V), dtype=acc, device=dev)
+        lp_z = torch.empty(z.shape, dtype=cfg.compute_dtype, device=dev) if lp else None
         h_rows = h.index_select(0, idx)
         if not lp and h_rows.dtype != acc:
             h_rows = h_rows.to(acc)
         _logits_into(z, lp_z, h_rows, w_c, bias_f, fold, cfg, mixed)
         if cfg.softcap is not None:
             z.tanh_().mul_(cfg.softcap)
-        ce[idx] = torch.logsumexp(z, dim=1) - target_logit[idx]
+        ce[idx] = torch.logsumexp(z, dim=vdim) - target_logit[idx]
     return ce, is_argmax, gh, gw, gb
 
 
@@ -591,7 +616,10 @@ def weighted_linear_cross_entropy(
     t_c = targets.index_select(0, idx) if compact else targets
     w_c = w.index_select(0, idx) if compact else w
 
-    budget = memory_budget_bytes if memory_budget_bytes is not None else default_memory_budget(device)
+    if memory_budget_bytes is not None:
+        budget = memory_budget_bytes
+    else:
+        budget = default_memory_budget(device, vocab * hidden.shape[1] * (8 if acc_dtype == torch.float64 else 4))
     grad_on = torch.is_grad_enabled()
     need_gh = grad_on and hidden.requires_grad
     need_gw = grad_on and weight.requires_grad
@@ -610,6 +638,7 @@ def weighted_linear_cross_entropy(
             softcap=softcap is not None and any_grad,
         ),
         want_argmax=return_token_stats,
+        vocab_major=(device.type == "cpu") if VOCAB_MAJOR_TILES is None else bool(VOCAB_MAJOR_TILES),
     )
     out_dtype = acc_dtype
 

@@ -1,0 +1,464 @@
+#!/usr/bin/env python
+"""Side-by-side benchmark of LM-head + weighted cross-entropy implementations (fwd+bwd time, peak extra memory).
+
+Every method gets the same tensors (hidden ``[N, H]``, head weight ``[V, H]``, targets, per-token weights) and
+computes the same loss, ``sum(w * ce) / sum(w)``, then its gradients for hidden and weight:
+
+- ``ours``: ``trl_plw.ops.weighted_linear_cross_entropy`` (gradients in the forward, 3 matmuls).
+- ``full_lce``: ``F.linear_cross_entropy(..., reduction="none", options=None)`` (full logits), weighted.
+- ``hf_ce``: HF-style ``F.cross_entropy(F.linear(h, W).float(), reduction="none")``, weighted.
+- ``torch_chunked``: ``F.linear_cross_entropy(..., reduction="none", options=torch.nn.LinearCrossEntropyOptions())``
+  (chunked; per-token loss, so its backward recomputes the logits), weighted.
+- ``trl_head``: TRL's ``trl.kernels.chunked_logprob.ChunkedLogProbFunction`` (log-probs, recomputed in backward),
+  weighted, called the way TRL's fused head calls it on this device.
+- GPU only: Liger ``LigerFusedLinearCrossEntropyLoss(reduction="none")`` and cut-cross-entropy, when importable.
+- ``matmul``: the bare forward ``hidden @ weight.T``; three of them are the floor for any fwd+bwd.
+
+Timing: median over ``--reps`` interleaved repetitions (method order rotated every repetition, so background load
+hits all methods alike); one warm-up run per method is excluded. Memory: peak extra bytes allocated during one
+fwd+bwd (includes the gradient tensors themselves). On CUDA ``torch.cuda.max_memory_allocated``; on CPU the
+``torch.profiler`` allocation events of PyTorch's CPU allocator (``total_allocated`` high-water mark during the run;
+buffers that MKL/oneDNN allocate internally are not seen).
+
+Usage: ``python benchmarks/loss_head.py [--quick] [--shapes smollm2,llama2,llama3] [--n-tokens 4096] [--out f.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+from trl_plw.ops import weighted_linear_cross_entropy  # noqa: E402
+
+SHAPES = {  # name: (hidden size, vocab size)
+    "smollm2": (576, 49152),
+    "llama2": (4096, 32000),
+    "llama3": (4096, 128256),
+    "tiny": (64, 1000),
+}
+# Tokens per shape: sized so that the default CPU run (3 shapes + PLW=0 case) stays under ~8 min on 2 cores
+DEFAULT_TOKENS_CPU = {"smollm2": 4096, "llama2": 1024, "llama3": 384, "tiny": 256}
+DEFAULT_TOKENS_GPU = {"smollm2": 32768, "llama2": 16384, "llama3": 16384, "tiny": 4096}
+PLW0_FRACTION = 0.02
+MiB = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------------------- methods
+
+
+def _weighted(per_token_ce: torch.Tensor, w: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+    return (w * per_token_ce.float()).sum() / denom
+
+
+def m_ours(h, W, t, w, denom):
+    return weighted_linear_cross_entropy(h, W, t, w)
+
+
+def m_full_lce(h, W, t, w, denom):
+    return _weighted(F.linear_cross_entropy(h, W, t, reduction="none", options=None), w, denom)
+
+
+def m_hf_ce(h, W, t, w, denom):
+    logits = F.linear(h, W)
+    return _weighted(F.cross_entropy(logits.float(), t, reduction="none"), w, denom)
+
+
+def m_torch_chunked(h, W, t, w, denom):
+    opts = torch.nn.LinearCrossEntropyOptions()
+    return _weighted(F.linear_cross_entropy(h, W, t, reduction="none", options=opts), w, denom)
+
+
+def m_trl_head(h, W, t, w, denom):
+    # As `trl.trainer.utils.add_fused_lm_head` calls it: only valid positions on Triton devices, all elsewhere
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction, _use_triton
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    mask = t != -100
+    if _use_triton(h.device):
+        logp = ChunkedLogProbFunction.apply(h[mask], W, None, t[mask], 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ())
+        return -(w[mask] * logp[0]).sum() / denom
+    logp = ChunkedLogProbFunction.apply(h, W, None, t.clamp(min=0), 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ())
+    return -(w * logp[0].masked_fill(~mask, 0)).sum() / denom
+
+
+def m_liger(h, W, t, w, denom):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return _weighted(LigerFusedLinearCrossEntropyLoss(reduction="none")(W, h, t), w, denom)
+
+
+def m_cce(h, W, t, w, denom):
+    from cut_cross_entropy import linear_cross_entropy
+
+    return _weighted(linear_cross_entropy(h, W, t, reduction="none"), w, denom)
+
+
+def m_matmul(h, W, t, w, denom):
+    return h.detach() @ W.detach().T
+
+
+METHODS: dict[str, Callable] = {
+    "ours": m_ours,
+    "full_lce": m_full_lce,
+    "hf_ce": m_hf_ce,
+    "torch_chunked": m_torch_chunked,
+    "trl_head": m_trl_head,
+    "liger": m_liger,
+    "cce": m_cce,
+    "matmul": m_matmul,
+}
+
+
+def available_methods(device: torch.device) -> tuple[list[str], dict[str, str]]:
+    names, skipped = [], {}
+    for name in METHODS:
+        if name in ("liger", "cce"):
+            if device.type != "cuda":
+                skipped[name] = "GPU only"
+                continue
+            try:
+                __import__("liger_kernel.transformers" if name == "liger" else "cut_cross_entropy")
+            except Exception as e:  # noqa: BLE001
+                skipped[name] = f"not importable ({type(e).__name__})"
+                continue
+        if name == "trl_head":
+            try:
+                import trl.kernels.chunked_logprob  # noqa: F401
+            except Exception as e:  # noqa: BLE001
+                skipped[name] = f"not importable ({type(e).__name__})"
+                continue
+        names.append(name)
+    return names, skipped
+
+
+# ---------------------------------------------------------------------------------------------------- harness
+
+
+def make_case(hdim, vocab, n, dtype, device, plw0, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    # filled in place: no [V, H] temporaries that would distort the memory baseline
+    h = torch.empty(n, hdim, dtype=torch.float32).normal_(generator=g)
+    W = torch.empty(vocab, hdim, dtype=torch.float32).normal_(std=0.02, generator=g)
+    t = torch.randint(0, vocab, (n,), generator=g)
+    if plw0:
+        w = (torch.rand(n, generator=g) < PLW0_FRACTION).float()
+        t = t.masked_fill(w == 0, -100)  # completion-only: the baselines skip prompt tokens via ignore_index
+    else:
+        w = torch.rand(n, generator=g) + 0.5
+    h, W = h.to(device=device, dtype=dtype), W.to(device=device, dtype=dtype)
+    t, w = t.to(device), w.to(device)
+    return h.requires_grad_(), W.requires_grad_(), t, w, w.sum()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_once(fn, h, W, t, w, denom):
+    h.grad = None
+    W.grad = None
+    out = fn(h, W, t, w, denom)
+    if out.requires_grad:
+        out.backward()
+    return out
+
+
+def timed(fn, args, device, min_util=0.0, retries=0, stats=None) -> float:
+    """Wall time of one fwd+bwd. On CPU, a sample during which this process got less than ``min_util`` of its
+    threads' CPU time (another process was using the cores) is discarded and retried after a pause."""
+    threads = torch.get_num_threads()
+    for attempt in range(retries + 1):
+        sync(device)
+        start, cpu0 = time.perf_counter(), time.process_time()
+        out = run_once(fn, *args)
+        sync(device)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+        del out
+        util = cpu / (elapsed * threads) if device.type == "cpu" else 1.0
+        if util >= min_util:
+            break
+        if stats is not None:
+            stats["discarded"] += 1
+        if attempt < retries:
+            print(f"    contended sample discarded (cpu util {util:.2f}), waiting", file=sys.stderr, flush=True)
+            time.sleep(10)
+    else:
+        if stats is not None:
+            stats["kept_contended"] += 1
+    return elapsed
+
+
+def peak_extra_bytes(fn, args, device) -> int:
+    """Peak bytes allocated above the starting level during one fwd+bwd (also serves as the warm-up run)."""
+    args[0].grad = args[1].grad = None  # free old gradients before the baseline is taken
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = run_once(fn, *args)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return int(peak)
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = run_once(fn, *args)
+        del out
+    events = []
+
+    def walk(nodes):
+        for e in nodes:
+            if e.tag == _EventType.Allocation:
+                events.append((e.start_time_ns, e.extra_fields.alloc_size, e.extra_fields.total_allocated))
+            walk(e.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    if not events:
+        return 0
+    events.sort()
+    base = events[0][2] - events[0][1]  # allocator level just before the first event
+    return int(max(e[2] for e in events) - base)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Kineto prints start/stop lines on fd 2; keep the benchmark output readable."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def bench_case(label, hdim, vocab, n, dtype, device, methods, reps, plw0, min_util=0.0, retries=0):
+    args = make_case(hdim, vocab, n, dtype, device, plw0)
+    h, W = args[0], args[1]
+    result = {"case": label, "H": hdim, "V": vocab, "N": n, "dtype": str(dtype).replace("torch.", ""), "plw0": plw0}
+    result["weighted_tokens"] = int((args[3] != 0).sum())
+    losses, grad_norms, mem, times = {}, {}, {}, {m: [] for m in methods}
+    contention = {"discarded": 0, "kept_contended": 0}
+    for m in methods:  # warm-up + memory + the loss/gradients used for the consistency check
+        mem[m] = peak_extra_bytes(METHODS[m], args, device)
+        out = run_once(METHODS[m], *args)
+        if m != "matmul":
+            losses[m] = float(out.detach().float())
+            grad_norms[m] = (float(h.grad.float().norm()), float(W.grad.float().norm()))
+        del out
+        h.grad = W.grad = None
+        gc.collect()
+    for r in range(reps):
+        order = methods[r % len(methods) :] + methods[: r % len(methods)]
+        for m in order:
+            times[m].append(timed(METHODS[m], args, device, min_util, retries, contention))
+            h.grad = W.grad = None
+    result["methods"] = {
+        m: {
+            "time_s": statistics.median(times[m]),
+            "times_s": times[m],
+            "peak_extra_mib": mem[m] / MiB,
+            "loss": losses.get(m),
+            "grad_norm_hidden": grad_norms.get(m, (None, None))[0],
+            "grad_norm_weight": grad_norms.get(m, (None, None))[1],
+        }
+        for m in methods
+    }
+    result["contention"] = contention
+    ref = losses["ours"]
+    result["max_loss_rel_diff_vs_ours"] = max(abs(v - ref) / abs(ref) for v in losses.values())
+    return result
+
+
+def ratios(res):
+    ms = res["methods"]
+    t = {m: v["time_s"] for m, v in ms.items()}
+    mem = {m: v["peak_extra_mib"] for m, v in ms.items()}
+    out = {}
+    if "matmul" in t:
+        out["ours_vs_3x_matmul"] = t["ours"] / (3 * t["matmul"])
+    if "full_lce" in t:
+        out["ours_vs_full_lce"] = t["ours"] / t["full_lce"]
+    if "torch_chunked" in t:
+        out["torch_chunked_speedup"] = t["torch_chunked"] / t["ours"]
+        out["mem_vs_torch_chunked"] = mem["ours"] / mem["torch_chunked"]
+    if "trl_head" in t:
+        out["trl_head_speedup"] = t["trl_head"] / t["ours"]
+    return out
+
+
+def markdown(results, env) -> str:
+    lines = [
+        f"Device: {env['device']} | torch {env['torch']} | trl {env['trl']} | threads {env['threads']} | "
+        f"{env['date']} | load avg before/after: {env['loadavg_before']} / {env['loadavg_after']}",
+        "",
+        f"Time: median of {env['reps']} interleaved fwd+bwd runs after one warm-up"
+        + (
+            f"; CPU samples during which this process got < {env['min_cpu_util']:.0%} of its threads' CPU time "
+            "(other processes on the cores) are discarded and retried"
+            if env["device"].startswith("CPU") and env["min_cpu_util"] > 0
+            else ""
+        )
+        + ".",
+        "",
+        "Peak memory: " + env["memory_method"],
+        "",
+    ]
+    for res in results:
+        r = ratios(res)
+        title = f"{res['case']} (H={res['H']}, V={res['V']}, N={res['N']}, {res['dtype']}"
+        if res["plw0"]:
+            title += f", PLW=0: {res['weighted_tokens']}/{res['N']} tokens weighted"
+        lines += [f"**{title})**", ""]
+        lines.append("| method | fwd+bwd (s, median) | vs ours | peak extra (MiB) | loss |")
+        lines.append("|---|---:|---:|---:|---:|")
+        t_ours = res["methods"]["ours"]["time_s"]
+        for m, v in res["methods"].items():
+            loss = "" if v["loss"] is None else f"{v['loss']:.6f}"
+            label = "matmul (`h @ W.T`, fwd only)" if m == "matmul" else m
+            lines.append(
+                f"| {label} | {v['time_s']:.3f} | {v['time_s'] / t_ours:.2f}x | {v['peak_extra_mib']:.0f} | {loss} |"
+            )
+        parts = []
+        if "ours_vs_3x_matmul" in r:
+            parts.append(f"ours / 3x matmul = **{r['ours_vs_3x_matmul']:.3f}**")
+        if "ours_vs_full_lce" in r:
+            parts.append(f"ours / full logits = **{r['ours_vs_full_lce']:.3f}**")
+        if "torch_chunked_speedup" in r:
+            parts.append(f"speedup vs torch chunked = **{r['torch_chunked_speedup']:.2f}x**")
+        if "trl_head_speedup" in r:
+            parts.append(f"speedup vs TRL head = **{r['trl_head_speedup']:.2f}x**")
+        if "mem_vs_torch_chunked" in r:
+            parts.append(f"peak mem ours / torch chunked = **{r['mem_vs_torch_chunked']:.2f}**")
+        parts.append(f"max loss rel. diff vs ours = {res['max_loss_rel_diff_vs_ours']:.1e}")
+        c = res["contention"]
+        if c["discarded"] or c["kept_contended"]:
+            parts.append(f"contended samples discarded: {c['discarded']}, kept: {c['kept_contended']}")
+        lines += ["", "; ".join(parts), ""]
+    if env["skipped"]:
+        lines.append("Skipped: " + ", ".join(f"{k} ({v})" for k, v in env["skipped"].items()))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
+    p.add_argument("--shapes", default=None, help=f"comma list from {sorted(SHAPES)}")
+    p.add_argument("--n-tokens", type=int, default=None, help="tokens per case (default: per shape and device)")
+    p.add_argument("--plw0-shape", default=None, help="shape for the PLW=0 case ('none' to skip)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per method (default 3)")
+    p.add_argument("--methods", default=None, help="comma list (default: all available)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--min-cpu-util", type=float, default=0.9,
+                   help="CPU: discard timing samples during which this process got less than this share of its "
+                   "threads' CPU time (other processes on the cores); 0 disables")  # fmt: skip
+    p.add_argument("--retries", type=int, default=30, help="retries per contended sample (10 s apart)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.quick:
+        shapes, plw0_shape, reps = ["tiny"], "tiny", args.reps or 2
+    else:
+        shapes = ["smollm2", "llama2", "llama3"]
+        plw0_shape, reps = "smollm2", args.reps or 3
+    if args.shapes:
+        shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    if args.plw0_shape:
+        plw0_shape = None if args.plw0_shape == "none" else args.plw0_shape
+    for s in shapes + ([plw0_shape] if plw0_shape else []):
+        if s not in SHAPES:
+            p.error(f"unknown shape {s!r}; choose from {sorted(SHAPES)}")
+    methods, skipped = available_methods(device)
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",")]
+        methods = [m for m in methods if m in wanted]
+        if "ours" not in methods:
+            methods.insert(0, "ours")
+    default_n = DEFAULT_TOKENS_GPU if device.type == "cuda" else DEFAULT_TOKENS_CPU
+
+    import trl
+
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.processor() or ''}",
+        "cpu_model": _cpu_model(),
+        "torch": torch.__version__,
+        "trl": trl.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "loadavg_before": _loadavg(),
+        "memory_method": (
+            "torch.cuda.max_memory_allocated() - memory_allocated() before the run"
+            if device.type == "cuda"
+            else "torch.profiler allocation events (PyTorch CPU allocator high-water mark during one fwd+bwd, "
+            "gradients included; MKL-internal scratch not seen)"
+        ),
+        "reps": reps,
+        "min_cpu_util": args.min_cpu_util,
+        "skipped": skipped,
+    }
+    if device.type == "cpu" and env["cpu_model"]:
+        env["device"] = f"CPU {env['cpu_model']}"
+    cases = [(s, False) for s in shapes] + ([(plw0_shape, True)] if plw0_shape else [])
+    results = []
+    for shape, plw0 in cases:
+        hdim, vocab = SHAPES[shape]
+        n = args.n_tokens or default_n[shape]
+        label = f"{shape}{' PLW=0' if plw0 else ''}"
+        print(f"[{time.strftime('%H:%M:%S')}] {label}: H={hdim} V={vocab} N={n} ...", file=sys.stderr, flush=True)
+        results.append(
+            bench_case(label, hdim, vocab, n, dtype, device, methods, reps, plw0, args.min_cpu_util, args.retries)
+        )
+        gc.collect()
+    env["loadavg_after"] = _loadavg()
+    table = markdown(results, env)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"env": env, "results": results, "ratios": [ratios(r) for r in results]}, f, indent=2)
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+if __name__ == "__main__":
+    main()
