@@ -1,0 +1,113 @@
+"""Smoke test of the throughput benchmark's machinery (benchmarks/throughput.py) on a tiny random Llama.
+
+Every trainer configuration trains one epoch of the same eight examples (two optimizer steps) in this process. No
+timing is asserted: only the structure of the results and the token accounting (padded and packed runs must see
+exactly the same real tokens for the same examples).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_llama
+from datasets import Dataset
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_throughput_under_test", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_instruction_mix_is_deterministic(bench):
+    a = bench.instruction_mix_rows(10, seed=3)
+    assert a == bench.instruction_mix_rows(10, seed=3)
+    assert a != bench.instruction_mix_rows(10, seed=4)
+    assert {m["role"] for row in a for m in row["prompt"] + row["completion"]} == {"user", "assistant"}
+    assert bench.number_words(342) == "three hundred forty-two"
+    assert bench.number_words(40) == "forty"
+
+
+def test_every_trainer_counts_the_same_tokens(bench, smollm2_tokenizer, tmp_path):
+    max_length, examples_per_step = 128, 4
+    data = Dataset.from_list(bench.instruction_mix_rows(8, seed=0, words=(4, 10)))
+    stats = bench.dataset_stats(data, smollm2_tokenizer, max_length)
+    assert stats["max_tokens"] < max_length  # nothing truncated: every configuration sees every token
+    assert 0 < stats["rg_mean"] < 10
+    rows = bench.packed_rows_per_step(examples_per_step, stats["mean_tokens"], stats["packed_row_mean_tokens"])
+
+    results = {}
+    for name in bench.TRAINERS:
+        spec = bench.make_spec(
+            name,
+            "instruct",
+            max_length=max_length,
+            examples_per_step=examples_per_step,
+            packed_rows_per_step=rows,
+            warmup=1,
+            steps=1,
+            n_examples=len(data),
+            epoch=True,
+            model="tiny-llama",
+        )
+        model = make_tiny_llama(vocab_size=len(smollm2_tokenizer), seed=0)
+        results[name] = bench.run_config(
+            spec, model=model, tokenizer=smollm2_tokenizer, dataset=data, output_dir=str(tmp_path / name)
+        )
+
+    for name, result in results.items():
+        steps = result["steps"]
+        assert len(steps) >= 1, name
+        for step in steps:
+            assert step["tokens"] > 0 and step["trained_positions"] > 0 and step["step_s"] > 0, (name, step)
+            assert step["positions"] >= step["tokens"], (name, step)
+            assert math.isfinite(step["loss"]), (name, step)
+        # one epoch = every example once, whatever the layout
+        assert sum(s["tokens"] for s in steps) == stats["total_tokens"], name
+        assert sum(s["sequences"] for s in steps) == len(data), name
+        summary = result["summary"]
+        for key in ("step_s_median", "tokens_per_s_median", "tokens_per_step_mean", "padding_fraction"):
+            assert summary[key] >= 0, (name, key)
+        assert result["peak_rss_bytes"] > 0
+        if bench.TRAINERS[name][2]:  # packed: padding-free rows
+            assert summary["padding_fraction"] == 0
+            assert steps[0]["rows"] == 1
+
+    # The SFT and PLW runs of a layout see identical batches (same tokenization, packing and sampler order)
+    def per_step(name):
+        return [s["tokens"] for s in results[name]["steps"]]
+
+    assert per_step("sft_padded") == per_step("plw_padded") == per_step("full_logits_padded")
+    assert per_step("sft_packed") == per_step("plw_packed")
+    # PLW trains prompt tokens too (weight 0.1); completion-only SFT trains only the completion
+    assert (
+        results["plw_padded"]["steps"][0]["trained_positions"] > results["sft_padded"]["steps"][0]["trained_positions"]
+    )
+
+    table = bench.aggregate(list(results.values()))
+    assert set(table["tiny-llama/instruct"]) == set(bench.TRAINERS)
+    checks = bench.check_targets(table)
+    assert {c["check"] for c in checks} >= {"packed_vs_sft_packed", "packed_vs_full_logits", "packed_vs_padded"}
+    assert "(4) PLWTrainer" in bench.markdown_table(table)
+    assert bench.format_checks(checks).count("\n") == len(checks) - 1
+
+
+def test_cli_registers_bench():
+    import argparse
+
+    from trl_plw import bench_cli
+
+    parser = argparse.ArgumentParser()
+    bench_cli.add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--quick", "--bf16", "--trainers", "plw_packed"])
+    assert args.quick and args.bf16 and args.trainers == "plw_packed" and callable(args.func)
