@@ -50,7 +50,7 @@ SHAPES = {  # name: (hidden size, vocab size)
     "tiny": (64, 1000),
 }
 # Tokens per shape: sized so that the default CPU run (3 shapes + PLW=0 case) stays under ~8 min on 2 cores
-DEFAULT_TOKENS_CPU = {"smollm2": 4096, "llama2": 1024, "llama3": 384, "tiny": 256}
+DEFAULT_TOKENS_CPU = {"smollm2": 3072, "llama2": 768, "llama3": 256, "tiny": 256}
 DEFAULT_TOKENS_GPU = {"smollm2": 32768, "llama2": 16384, "llama3": 16384, "tiny": 4096}
 PLW0_FRACTION = 0.02
 MiB = 1 << 20
@@ -202,25 +202,34 @@ def timed(fn, args, device, min_util=0.0, retries=0, stats=None) -> float:
     return elapsed
 
 
-def peak_extra_bytes(fn, args, device) -> int:
-    """Peak bytes allocated above the starting level during one fwd+bwd (also serves as the warm-up run)."""
-    args[0].grad = args[1].grad = None  # free old gradients before the baseline is taken
+def peak_extra_bytes(fn, args, device) -> tuple[int, float | None, tuple | None]:
+    """Peak bytes allocated above the starting level during one fwd+bwd (this run is also the warm-up), and the
+    loss and gradient norms of that run (for the consistency check)."""
+    h, W = args[0], args[1]
+    h.grad = W.grad = None  # free old gradients before the baseline is taken
     gc.collect()
+
+    def run_and_record():
+        out = run_once(fn, *args)
+        if not out.requires_grad:
+            return None, None
+        return float(out.detach().float()), (float(h.grad.float().norm()), float(W.grad.float().norm()))
+
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        out = run_once(fn, *args)
+        loss, norms = run_and_record()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        del out
-        return int(peak)
+        h.grad = W.grad = None
+        return int(peak), loss, norms
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = run_once(fn, *args)
-        del out
+        loss, norms = run_and_record()
+    h.grad = W.grad = None
     events = []
 
     def walk(nodes):
@@ -231,10 +240,10 @@ def peak_extra_bytes(fn, args, device) -> int:
 
     walk(prof.profiler.kineto_results.experimental_event_tree())
     if not events:
-        return 0
+        return 0, loss, norms
     events.sort()
     base = events[0][2] - events[0][1]  # allocator level just before the first event
-    return int(max(e[2] for e in events) - base)
+    return int(max(e[2] for e in events) - base), loss, norms
 
 
 @contextlib.contextmanager
@@ -259,13 +268,9 @@ def bench_case(label, hdim, vocab, n, dtype, device, methods, reps, plw0, min_ut
     losses, grad_norms, mem, times = {}, {}, {}, {m: [] for m in methods}
     contention = {"discarded": 0, "kept_contended": 0}
     for m in methods:  # warm-up + memory + the loss/gradients used for the consistency check
-        mem[m] = peak_extra_bytes(METHODS[m], args, device)
-        out = run_once(METHODS[m], *args)
-        if m != "matmul":
-            losses[m] = float(out.detach().float())
-            grad_norms[m] = (float(h.grad.float().norm()), float(W.grad.float().norm()))
-        del out
-        h.grad = W.grad = None
+        mem[m], loss, norms = peak_extra_bytes(METHODS[m], args, device)
+        if loss is not None:
+            losses[m], grad_norms[m] = loss, norms
         gc.collect()
     for r in range(reps):
         order = methods[r % len(methods) :] + methods[: r % len(methods)]
@@ -286,6 +291,10 @@ def bench_case(label, hdim, vocab, n, dtype, device, methods, reps, plw0, min_ut
     result["contention"] = contention
     ref = losses["ours"]
     result["max_loss_rel_diff_vs_ours"] = max(abs(v - ref) / abs(ref) for v in losses.values())
+    ref_g = grad_norms["ours"]
+    result["max_grad_norm_rel_diff_vs_ours"] = max(
+        abs(g[i] - ref_g[i]) / max(ref_g[i], 1e-30) for g in grad_norms.values() for i in (0, 1)
+    )
     return result
 
 
@@ -349,7 +358,10 @@ def markdown(results, env) -> str:
             parts.append(f"speedup vs TRL head = **{r['trl_head_speedup']:.2f}x**")
         if "mem_vs_torch_chunked" in r:
             parts.append(f"peak mem ours / torch chunked = **{r['mem_vs_torch_chunked']:.2f}**")
-        parts.append(f"max loss rel. diff vs ours = {res['max_loss_rel_diff_vs_ours']:.1e}")
+        parts.append(
+            f"max rel. diff vs ours: loss {res['max_loss_rel_diff_vs_ours']:.1e}, "
+            f"grad norms {res['max_grad_norm_rel_diff_vs_ours']:.1e}"
+        )
         c = res["contention"]
         if c["discarded"] or c["kept_contended"]:
             parts.append(f"contended samples discarded: {c['discarded']}, kept: {c['kept_contended']}")

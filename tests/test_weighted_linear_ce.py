@@ -12,6 +12,13 @@ from trl_plw.ops import TokenStats, weighted_linear_cross_entropy
 IGNORE = -100
 
 
+@pytest.fixture(autouse=True, params=["row_major", "vocab_major"])
+def tile_layout(request, monkeypatch):
+    """Every test runs with both tile layouts ([n, V] and [V, n])."""
+    monkeypatch.setattr(wlc, "VOCAB_MAJOR_TILES", request.param == "vocab_major")
+    return request.param
+
+
 def reference(h, w, targets, token_weights=None, *, bias=None, reduction="mean", normalizer=None, softcap=None,
               logit_scale=1.0, ignore_index=IGNORE):  # fmt: skip
     """Full-logits loss: the op must match this (computed in float64 by the tests)."""

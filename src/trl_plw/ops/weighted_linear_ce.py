@@ -38,7 +38,8 @@ __all__ = [
 ]
 
 #: Module-level default for the value checks (NaN/negative weights, out-of-range targets). They need one host sync
-#: per call; set to ``False`` (or pass ``validate=False``) to skip them on GPU once the data pipeline is trusted.
+#: per call; set ``trl_plw.ops.weighted_linear_ce.VALIDATE_VALUES = False`` (or pass ``validate=False``) to skip them
+#: on GPU once the data pipeline is trusted.
 VALIDATE_VALUES = True
 
 #: Tile layout: ``[V, n]`` ("vocab-major", the projection is ``W @ h.T``) or ``[n, V]``. None = auto: vocab-major on
@@ -47,7 +48,6 @@ VOCAB_MAJOR_TILES: bool | None = None
 
 _MiB = 1 << 20
 _CPU_DEFAULT_BUDGET = 256 * _MiB
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
