@@ -253,12 +253,11 @@ def test_synthetic_vocabularies_are_disjoint_and_arguments_checked():
     assert {r["question_type"] for r in only_who} == {"who"}
 
 
-def test_synthetic_is_fast():
-    import time
-
-    start = time.perf_counter()
-    generate_race_rows(2000, seed=9)
-    assert time.perf_counter() - start < 5.0
+def test_synthetic_rows_are_distinct_at_scale():
+    # Generation speed is a benchmark concern (no timed unit tests); here: many rows, no duplicates.
+    rows = generate_race_rows(2000, seed=9)
+    assert len({r["example_id"] for r in rows}) == 2000
+    assert len({(r["article"], r["question"]) for r in rows}) == 2000
 
 
 # ---------------------------------------------------------------------------------------------------------------------
