@@ -186,6 +186,42 @@ def test_padding_free_and_packed_equal_padded(smollm2_tokenizer, tmp_path):
     assert_grads_close(grads_c, grads_a, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("truncation_mode", ["keep_start", "keep_end"])
+def test_bfd_packing_truncates_before_dropping_examples_without_completion(smollm2_tokenizer, tmp_path, truncation_mode):
+    """BFD packing cuts long examples itself; the trainer must cut them first (honouring truncation_mode) so that an
+    example whose completion was cut away is dropped instead of being packed as a prompt-only document."""
+    long_prompt = "Question: " + "please read this long passage about nothing in particular " * 6 + "\nAnswer:"
+    rows = [{"prompt": "Question: Say hi.\nAnswer:", "completion": " Hi!"}] * 3 + [{"prompt": long_prompt, "completion": " No."}]
+    max_length = 24
+    assert len(smollm2_tokenizer(long_prompt)["input_ids"]) > max_length
+    trainer = PLWTrainer(
+        tiny(len(smollm2_tokenizer)),
+        args=PLWConfig(
+            **common_args(output_dir=str(tmp_path)),
+            prompt_loss_weight=0.5,
+            packing=True,
+            max_length=max_length,
+            truncation_mode=truncation_mode,
+        ),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=smollm2_tokenizer,
+    )
+    documents = []
+    for row in trainer.train_dataset:
+        assert len(row["input_ids"]) == len(row["token_roles"]) <= max_length
+        start = 0
+        for length in row["seq_lengths"]:
+            documents.append((row["input_ids"][start : start + length], row["token_roles"][start : start + length]))
+            start += length
+    assert all(1 in roles for _, roles in documents), "a packed document without completion tokens"
+    if truncation_mode == "keep_start":  # the long example's answer lies beyond max_length: dropped
+        assert len(documents) == 3
+    else:  # keep_end keeps the answer and the end of the passage
+        assert len(documents) == 4
+        ids, roles = max(documents, key=lambda d: len(d[0]))
+        assert len(ids) == max_length and "No." in smollm2_tokenizer.decode([i for i, r in zip(ids, roles) if r == 1])
+
+
 @pytest.mark.parametrize("normalization", ["weights", "nonzero_tokens"])
 def test_gradient_accumulation_equals_big_batch(smollm2_tokenizer, tmp_path, normalization):
     """One SGD step: batch 4 x accumulation 1 == batch 1 x accumulation 4 (a global denominator, not a mean of

@@ -362,7 +362,11 @@ class PLWTrainer(SFTTrainer):
                 )
             per_token.append(example_weight)
 
-        if args.max_length is not None and not packing:
+        # BFD packing would cut long examples itself (keep_start), *after* the completion filter below, and ignore
+        # truncation_mode; truncating here first makes the filter see what training sees. "bfd_split" and "wrapped"
+        # keep every token (an overflow fragment is trained with its tokens' own weights), so they are left whole.
+        truncate_first = not packing or args.packing_strategy == "bfd"
+        if args.max_length is not None and truncate_first:
             if args.truncation_mode not in ("keep_start", "keep_end"):
                 raise ValueError(f"truncation_mode={args.truncation_mode!r}: use 'keep_start' or 'keep_end'.")
             keep = slice(None, args.max_length) if args.truncation_mode == "keep_start" else slice(-args.max_length, None)
