@@ -222,6 +222,38 @@ def test_bfd_packing_truncates_before_dropping_examples_without_completion(smoll
         assert len(ids) == max_length and "No." in smollm2_tokenizer.decode([i for i, r in zip(ids, roles) if r == 1])
 
 
+@pytest.mark.parametrize("strategy", ["bfd_split", "wrapped"])
+def test_token_keeping_packing_strategies_keep_every_token_and_role(smollm2_tokenizer, tmp_path, strategy):
+    """bfd_split and wrapped keep every token (no truncation before packing), with roles aligned to the ids."""
+    data = prompt_completion_dataset(conversational=True)
+    reference = PLWTrainer(
+        tiny(len(smollm2_tokenizer)),
+        args=PLWConfig(**common_args(output_dir=str(tmp_path / "ref")), max_length=None),
+        train_dataset=data,
+        processing_class=smollm2_tokenizer,
+    )
+    total = sum(len(row["input_ids"]) for row in reference.train_dataset)
+    roles = {tuple(row["input_ids"]): row["token_roles"] for row in reference.train_dataset}
+    trainer = PLWTrainer(
+        tiny(len(smollm2_tokenizer)),
+        args=PLWConfig(
+            **common_args(output_dir=str(tmp_path / "p")), prompt_loss_weight=0.2, packing=True, max_length=16,
+            packing_strategy=strategy, shuffle_dataset=False,
+        ),
+        train_dataset=data,
+        processing_class=smollm2_tokenizer,
+    )
+    rows = list(trainer.train_dataset)
+    assert sum(len(r["input_ids"]) for r in rows) == total
+    assert all(len(r["input_ids"]) == len(r["token_roles"]) <= 16 for r in rows)
+    if strategy == "wrapped":  # rows are consecutive cuts of the concatenated stream
+        stream_ids = [i for r in rows for i in r["input_ids"]]
+        stream_roles = [x for r in rows for x in r["token_roles"]]
+        assert stream_roles == [x for ids in roles for x in roles[ids]] and len(stream_ids) == total
+    batch = trainer.data_collator(rows[:4])
+    assert math.isfinite(trainer.compute_loss(trainer.model, dict(batch)).item())
+
+
 @pytest.mark.parametrize("normalization", ["weights", "nonzero_tokens"])
 def test_gradient_accumulation_equals_big_batch(smollm2_tokenizer, tmp_path, normalization):
     """One SGD step: batch 4 x accumulation 1 == batch 1 x accumulation 4 (a global denominator, not a mean of
