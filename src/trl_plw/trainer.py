@@ -129,6 +129,8 @@ class PLWConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            self._choose_bf16()
         super().__post_init__()
         if isinstance(self.role_weights, str):
             try:
@@ -151,6 +153,25 @@ class PLWConfig(SFTConfig):
             value = getattr(self, name)
             if value is not None and not (value == value and abs(value) != float("inf") and value >= 0):
                 raise ValueError(f"{name}={value!r} must be a finite number >= 0.")
+
+    def _choose_bf16(self) -> None:
+        """Resolve ``bf16=None`` by what the hardware does natively, instead of SFTConfig's bf16-wherever-possible.
+
+        On an accelerator: bf16 where it supports it. On CPU (``use_cpu`` or no accelerator): bf16 autocast only where
+        the CPU computes bf16 natively (AVX512-BF16/AMX/Arm BF16); elsewhere it is emulated, ~3x slower than fp32,
+        so fp32. A CPU-only machine gets ``use_cpu=True`` with bf16, which transformers requires for CPU autocast and
+        which changes nothing else there.
+        """
+        from trl_plw.precision import accelerator_bf16_available, cpu_bf16_is_native
+
+        on_cpu = self.use_cpu or not torch.accelerator.is_available()
+        if on_cpu:
+            self.bf16 = cpu_bf16_is_native()
+            if self.bf16:
+                self.use_cpu = True
+        else:
+            self.bf16 = accelerator_bf16_available()
+        logger.info("PLWConfig: bf16=%s chosen for this %s.", self.bf16, "CPU" if on_cpu else "accelerator")
 
     @property
     def has_schedule(self) -> bool:
@@ -494,6 +515,8 @@ class PLWTrainer(SFTTrainer):
         # A window without weight has a zero numerator too; divide by 1 to return a finite 0.
         normalizer = torch.where(normalizer > 0, normalizer, torch.ones_like(normalizer)).float()
 
+        if self.aux_loss_enabled:  # MoE: the model returns its router's load-balancing loss (SFTTrainer's switch)
+            inputs["output_router_logits"] = True
         outputs = model(
             **inputs,
             use_cache=False,
@@ -506,6 +529,13 @@ class PLWTrainer(SFTTrainer):
         # Like Trainer.compute_loss: the denominator counts every rank, and DDP averages gradients over ranks.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self._tp_size)
+        if self.aux_loss_enabled and outputs.aux_loss is not None:
+            # Like SFTTrainer: the aux loss is a per-micro-batch mean (DDP averages it over ranks); with a global
+            # denominator Trainer leaves accumulation to the loss, so it is averaged over the accumulation steps.
+            steps = getattr(self, "current_gradient_accumulation_steps", 1) if num_items_in_batch is not None else 1
+            aux = outputs.aux_loss.to(loss.device)
+            loss = loss + self.router_aux_loss_coef * aux / steps
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
 
         answer_mask = None
         if self._answer_token_ids is not None:
