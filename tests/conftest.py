@@ -17,6 +17,17 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 import pytest
 import torch
 
+# Exactness tests run their tiny models in float64: two correct computations then differ only by summation order,
+# ~1e-15 relative, on any CPU. These tolerances leave room for that (and for magnitudes summed over a 49k
+# vocabulary) and nothing else; float32 would make them depend on one CPU's SIMD width and accumulation order.
+F64_RTOL = 1e-10
+F64_ATOL = 1e-12
+
+
+def assert_exact(actual, expected, msg: str | None = None) -> None:
+    """``actual == expected`` up to float64 rounding (see F64_RTOL/F64_ATOL)."""
+    torch.testing.assert_close(actual, expected, rtol=F64_RTOL, atol=F64_ATOL, msg=msg)
+
 
 def make_tiny_llama(
     vocab_size: int = 128,
@@ -29,7 +40,7 @@ def make_tiny_llama(
     seed: int = 0,
     **config_kwargs,
 ):
-    """A random-init LlamaForCausalLM small enough for exactness tests (fp32, CPU)."""
+    """A random-init LlamaForCausalLM small enough for exactness tests (float32; ``.double()`` it for exactness)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)

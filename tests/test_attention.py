@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_llama
+from conftest import F64_ATOL, F64_RTOL
+from conftest import make_tiny_llama as _make_tiny_llama
 
 import trl_plw.attention as attention
 from trl_plw.attention import (
@@ -29,7 +30,14 @@ from trl_plw.attention import (
 )
 
 DOC_LENGTHS = [5, 9, 3, 7, 1, 6]
-ATOL = 1e-5
+# Layouts and backends are compared on float64 models, so they agree to rounding (conftest.F64_*) on any CPU; the GPU
+# tests cast to bf16 themselves.
+ATOL = F64_ATOL
+RTOL = F64_RTOL
+
+
+def make_tiny_llama(**kwargs):
+    return _make_tiny_llama(**kwargs).double()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -153,18 +161,37 @@ def run(model, batch, impl, **extra):
     model.set_attn_implementation(impl)
     model.zero_grad(set_to_none=True)
     kwargs = {"use_cache": False, **extra}
-    out = model(**batch, **kwargs)
-    out.loss.backward()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs, **kwargs)
+    # The loss is computed here in the logits' dtype (float64): transformers' own loss upcasts to float32 only.
+    shifted = out.logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
+    )
+    loss.backward()
     logits = out.logits
     if "attention_mask" in batch:
         logits = logits[batch["attention_mask"].bool()]
     else:
         logits = logits.reshape(-1, logits.shape[-1])
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return logits.detach(), out.loss.detach(), grads
+    return logits.detach(), loss.detach(), grads
 
 
-def assert_runs_close(a, b, atol=ATOL, rtol=ATOL):
+def assert_runs_close_float32(a, b, ulps: float = 64):
+    """For comparisons with eager attention, whose softmax runs in float32 whatever the model's dtype (and whose
+    float64 masks turn into -inf there, so its padded rows are NaN in float64): each tensor may differ by ``ulps``
+    float32 rounding steps of its largest magnitude."""
+    eps = torch.finfo(torch.float32).eps * ulps
+    for x, y, what in ((a[0], b[0], "logits"), (a[1], b[1], "loss")):
+        torch.testing.assert_close(x, y, rtol=eps, atol=eps * y.abs().max().item(), msg=lambda m, w=what: f"{w}: {m}")
+    assert a[2].keys() == b[2].keys()
+    for name in a[2]:
+        y = b[2][name]
+        torch.testing.assert_close(a[2][name], y, rtol=eps, atol=eps * y.abs().max().item(), msg=lambda m, n=name: f"{n}: {m}")
+
+
+def assert_runs_close(a, b, atol=ATOL, rtol=RTOL):
     torch.testing.assert_close(a[0], b[0], atol=atol, rtol=rtol)
     torch.testing.assert_close(a[1], b[1], atol=atol, rtol=rtol)
     assert a[2].keys() == b[2].keys() and a[2]
@@ -190,7 +217,7 @@ def make_tiny_mistral(sliding_window=3, num_heads=4, num_kv_heads=2, seed=0):
         bos_token_id=2,
     )
     config._attn_implementation = "sdpa"
-    return MistralForCausalLM(config).float().eval()
+    return MistralForCausalLM(config).double().eval()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -392,12 +419,12 @@ def test_packed_varlen_matches_padded_sdpa(fake_varlen, num_heads, num_kv_heads)
 def test_sliding_window_matches_eager_and_sdpa(fake_varlen):
     window = 3
     docs = make_docs([7, 5, 9, 2, 4])
-    model = make_tiny_mistral(sliding_window=window)
+    model = make_tiny_mistral(sliding_window=window).float()  # eager computes in float32 (see the helper)
     eager = run(model, padded_batch(docs), "eager")
     sdpa = run(model, padded_batch(docs), "sdpa")
     varlen = run(model, packed_batch(docs), VARLEN_ATTENTION)
-    assert_runs_close(eager, sdpa)
-    assert_runs_close(varlen, eager)
+    assert_runs_close_float32(eager, sdpa)
+    assert_runs_close_float32(varlen, eager)
     # transformers' window W (i - j < W) is flash's (W - 1, 0): W tokens including the query itself
     assert {c["window_size"] for c in fake_varlen.calls} == {(window - 1, 0)}
     # ... and the window is really in effect: without it the logits differ
@@ -444,11 +471,11 @@ def test_per_layer_sliding_window_qwen2(fake_varlen):
         pad_token_id=0,
     )
     config._attn_implementation = "sdpa"
-    model = Qwen2ForCausalLM(config).float().eval()
+    model = Qwen2ForCausalLM(config).float().eval()  # the reference is eager: float32 softmax
     docs = make_docs([8, 6, 10])
     reference = run(model, padded_batch(docs), "eager")
     varlen = run(model, packed_batch(docs), VARLEN_ATTENTION)
-    assert_runs_close(varlen, reference)
+    assert_runs_close_float32(varlen, reference)
     assert [c["window_size"] for c in fake_varlen.calls] == [(-1, 0), (3, 0)]
 
 
@@ -525,11 +552,12 @@ def test_unsupported_features_raise(fake_varlen):
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_packed_equals_padded_builtin_backends(impl):
     docs = make_docs()
-    model = make_tiny_llama()
+    model = make_tiny_llama() if impl == "sdpa" else _make_tiny_llama()  # eager: float32 softmax (see the helper)
     reference = run(model, padded_batch(docs), "sdpa")
+    close = assert_runs_close if impl == "sdpa" else assert_runs_close_float32
     # these backends read position_ids (the block-diagonal mask); cu_seq_lens are ignored by them
-    assert_runs_close(run(model, packed_batch(docs, with_cu=False), impl), reference)
-    assert_runs_close(run(model, packed_batch(docs), impl), reference)
+    close(run(model, packed_batch(docs, with_cu=False), impl), reference)
+    close(run(model, packed_batch(docs), impl), reference)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -557,8 +585,8 @@ def test_packed_equals_padded_flex_attention(monkeypatch):
             out = model(**packed_batch(docs, with_cu=False), use_cache=False)
         except Exception as exc:
             pytest.skip(f"flex_attention does not run on this CPU setup: {type(exc).__name__}: {exc}"[:300])
-    torch.testing.assert_close(out.logits[0], ref.logits[padded["attention_mask"].bool()], atol=ATOL, rtol=ATOL)
-    torch.testing.assert_close(out.loss, ref.loss, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(out.logits[0], ref.logits[padded["attention_mask"].bool()], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out.loss, ref.loss, atol=ATOL, rtol=RTOL)
 
 
 def test_use_cache_pitfall():

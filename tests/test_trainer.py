@@ -1,6 +1,7 @@
 """PLWTrainer: equivalence with TRL's SFTTrainer, packing, accumulation, metrics, schedules, bad input.
 
-Tiny random Llama models (fp32, CPU) with the real SmolLM2 tokenizer, so tokenization parity with TRL is tested too.
+Tiny random Llama models (float64, CPU) with the real SmolLM2 tokenizer, so tokenization parity with TRL is tested too.
+Equivalences are asserted to float64 rounding (conftest.F64_RTOL/F64_ATOL), so they hold on every CPU.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import F64_ATOL, F64_RTOL, assert_exact, make_tiny_llama
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
@@ -63,7 +64,8 @@ def common_args(**overrides):
 
 
 def tiny(vocab_size: int, **kwargs):
-    return make_tiny_llama(vocab_size=vocab_size, hidden_size=32, num_layers=2, **kwargs)
+    """float64: equivalence tests then compare to rounding error, not to one CPU's float32 summation order."""
+    return make_tiny_llama(vocab_size=vocab_size, hidden_size=32, num_layers=2, **kwargs).double()
 
 
 def loss_and_grads(trainer, batch):
@@ -76,7 +78,7 @@ def loss_and_grads(trainer, batch):
     return loss.detach(), grads
 
 
-def assert_grads_close(a, b, rtol=1e-5, atol=1e-7):
+def assert_grads_close(a, b, rtol=F64_RTOL, atol=F64_ATOL):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=f"gradient of {name}")
@@ -104,18 +106,32 @@ def test_matches_sft_trainer(smollm2_tokenizer, tmp_path, conversational, plw):
         train_dataset=data,
         processing_class=smollm2_tokenizer,
     )
+    reference_model = copy.deepcopy(model).train()
     sft_rows, our_rows = first_rows(sft.train_dataset, 4), first_rows(ours.train_dataset, 4)
     assert [r["input_ids"] for r in sft_rows] == [r["input_ids"] for r in our_rows]  # same tokenization as TRL
     sft_loss, sft_grads = loss_and_grads(sft, sft.data_collator(sft_rows))
-    our_loss, our_grads = loss_and_grads(ours, ours.data_collator(our_rows))
-    torch.testing.assert_close(our_loss, sft_loss, rtol=1e-5, atol=1e-6)
-    assert_grads_close(our_grads, sft_grads)
+    our_batch = ours.data_collator(our_rows)
+    our_loss, our_grads = loss_and_grads(ours, our_batch)
+    # Exact: against a float64 full-logits reference of the same definition (mean CE over the scored tokens).
+    reference, _ = reference_weighted_loss(reference_model, our_batch, plw)
+    reference.backward()
+    assert_exact(our_loss, reference.detach())
+    assert_grads_close(our_grads, {n: p.grad for n, p in reference_model.named_parameters() if p.grad is not None})
+    # Parity with TRL: its chunked head computes in float32 whatever the model's dtype, so the comparison allows
+    # float32 rounding of a log-sum-exp over the vocabulary: sqrt(V) * eps32, relative to each tensor's magnitude.
+    assert sft_loss.dtype == torch.float32
+    bound = math.sqrt(len(smollm2_tokenizer)) * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(our_loss, sft_loss.to(our_loss.dtype), rtol=bound, atol=bound * sft_loss.abs().item())
+    assert our_grads.keys() == sft_grads.keys()
+    for name, grad in sft_grads.items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(our_grads[name], grad, rtol=bound, atol=bound * scale, msg=f"gradient of {name}")
 
 
 def reference_weighted_loss(model, batch, plw, normalization="weights"):
     """Full-logits reference on a padded batch: sum(w * ce) / denominator, with the shift done here."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    logits = out.logits[:, :-1].float()
+    logits = out.logits[:, :-1]  # the model's dtype: float64 in the exactness tests
     targets = batch["input_ids"][:, 1:]
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
     ce = ce.view_as(targets)
@@ -141,7 +157,7 @@ def test_fractional_plw_matches_full_logits_reference(smollm2_tokenizer, tmp_pat
     loss, grads = loss_and_grads(trainer, batch)
     reference, _ = reference_weighted_loss(reference_model, batch, 0.1, normalization)
     reference.backward()
-    torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-6)
+    assert_exact(loss, reference.detach())
     ref_grads = {n: p.grad for n, p in reference_model.named_parameters() if p.grad is not None}
     assert_grads_close(grads, ref_grads)
 
@@ -169,8 +185,8 @@ def test_padding_free_and_packed_equal_padded(smollm2_tokenizer, tmp_path):
     assert "attention_mask" not in free_batch and free_batch["input_ids"].shape[0] == 1
     loss_a, grads_a = loss_and_grads(padded, padded_batch)
     loss_b, grads_b = loss_and_grads(padding_free, free_batch)
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
-    assert_grads_close(grads_b, grads_a, rtol=1e-4, atol=1e-6)
+    assert_exact(loss_b, loss_a)
+    assert_grads_close(grads_b, grads_a)
 
     # BFD-packed rows of the same examples (the trainer's own packing pipeline) give the same loss
     packed = PLWTrainer(
@@ -182,8 +198,8 @@ def test_padding_free_and_packed_equal_padded(smollm2_tokenizer, tmp_path):
     packed_rows = list(packed.train_dataset)
     assert len(packed_rows) == 1 and len(packed_rows[0]["seq_lengths"]) == 4
     loss_c, grads_c = loss_and_grads(packed, packed.data_collator(packed_rows))
-    torch.testing.assert_close(loss_c, loss_a, rtol=1e-5, atol=1e-6)
-    assert_grads_close(grads_c, grads_a, rtol=1e-4, atol=1e-6)
+    assert_exact(loss_c, loss_a)
+    assert_grads_close(grads_c, grads_a)
 
 
 @pytest.mark.parametrize("truncation_mode", ["keep_start", "keep_end"])
@@ -281,7 +297,7 @@ def test_gradient_accumulation_equals_big_batch(smollm2_tokenizer, tmp_path, nor
     moved = max((params[0][n] - model.state_dict()[n]).abs().max().item() for n in params[0])
     assert moved > 1e-4  # the step did something
     for name in params[0]:
-        torch.testing.assert_close(params[1][name], params[0][name], rtol=1e-4, atol=1e-6, msg=name)
+        assert_exact(params[1][name], params[0][name], msg=name)
 
 
 def test_eval_metrics_split_prompt_and_completion(smollm2_tokenizer, tmp_path):
@@ -354,7 +370,7 @@ def test_schedule_moves_prompt_weight_and_resumes_exactly(smollm2_tokenizer, tmp
     resumed = [e["prompt_loss_weight"] for e in second.state.log_history if "prompt_loss_weight" in e]
     assert resumed[-2:] == pytest.approx([0.25, 0.0])
     for (name, p), q in zip(full.model.named_parameters(), second.model.parameters(), strict=True):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+        assert_exact(q, p, msg=name)
 
 
 def test_best_model_on_completion_loss_with_early_stopping(smollm2_tokenizer, tmp_path):

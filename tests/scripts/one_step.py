@@ -20,7 +20,7 @@ from trl_plw.models import load_tokenizer  # noqa: E402
 
 def main(out_path: str, per_device_batch: int, normalization: str) -> None:
     tokenizer = load_tokenizer()
-    model = make_tiny_llama(vocab_size=len(tokenizer), hidden_size=32, num_layers=2)
+    model = make_tiny_llama(vocab_size=len(tokenizer), hidden_size=32, num_layers=2).double()  # exact on any CPU
     trainer = PLWTrainer(
         model,
         args=PLWConfig(
