@@ -1,4 +1,4 @@
-"""Smoke test of the throughput benchmark's machinery (benchmarks/throughput.py) on a tiny random Llama.
+"""Smoke test of the throughput benchmark's machinery (trl_plw.benchmarking.throughput) on a tiny random Llama.
 
 Every trainer configuration trains one epoch of the same eight examples (two optimizer steps) in this process. No
 timing is asserted: only the structure of the results and the token accounting (padded and packed runs must see
@@ -7,26 +7,18 @@ exactly the same real tokens for the same examples).
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 from conftest import make_tiny_llama
 from datasets import Dataset
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_throughput_under_test", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    from trl_plw.benchmarking import throughput
+
+    return throughput
 
 
 def test_instruction_mix_is_deterministic(bench):
