@@ -104,6 +104,35 @@ MODELS = {
             tie_word_embeddings=False,
         )
     },
+    # Random-init presets that need no download (the GPU check runs them on a machine without the offline model):
+    # SmolLM2-135M's own architecture, and a Llama-3.2-1B-shaped model (128k vocabulary, tied head).
+    "smollm2-135m-config": {
+        "config": dict(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=8192,
+            rope_theta=100000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+        )
+    },
+    "llama3.2-1b-shape": {
+        "config": dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+            tie_word_embeddings=True,
+        )
+    },
 }
 
 # Per-device run settings. CPU: short rows and few steps (a SmolLM2 step of ~1.5k tokens takes ~10 s on 2 cores).
@@ -494,7 +523,9 @@ def build_model(spec: dict[str, Any], attn_implementation: str):
     torch.manual_seed(spec["seed"])
     config = LlamaConfig(**preset["config"], pad_token_id=2, eos_token_id=2, bos_token_id=1)
     config._attn_implementation = attn_implementation
-    return LlamaForCausalLM(config)
+    # Initialise on the training device: a 1B-parameter random init takes far longer on the CPU than on a GPU
+    with torch.device("cuda" if spec["device"] == "cuda" else "cpu"):
+        return LlamaForCausalLM(config)
 
 
 def choose_attention(spec: dict[str, Any]) -> str:
@@ -569,6 +600,7 @@ def make_spec(
     seed: int = 0,
     threads: int | None = None,
     epoch: bool = False,
+    tokenizer: str = "smollm2-135m",
 ) -> dict[str, Any]:
     """A JSON-serializable description of one run. ``epoch=True`` trains one full epoch instead of warmup+steps."""
     if trainer not in TRAINERS:
@@ -593,6 +625,7 @@ def make_spec(
         "attn": attn,
         "seed": seed,
         "threads": threads,
+        "tokenizer": tokenizer,
     }
 
 
@@ -613,7 +646,7 @@ def run_config(
     if tokenizer is None:
         from trl_plw.models import load_tokenizer
 
-        tokenizer = load_tokenizer("smollm2-135m")
+        tokenizer = load_tokenizer(spec.get("tokenizer", "smollm2-135m"))
     if dataset is None:
         dataset = build_dataset(spec)
     attn = choose_attention(spec)
@@ -984,7 +1017,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         f"transformers {info['transformers']}, trl {info['trl']}, dtype {'bf16 autocast' if args.bf16 else 'fp32'}, "
         f"threads {args.threads or info['torch_threads']}"
     )
-    tokenizer = load_tokenizer("smollm2-135m")
+    tokenizer = load_tokenizer(args.tokenizer)
     specs, data_info = [], {}
     for dataset in profile["datasets"]:
         stats = plan_dataset(dataset, profile, args, tokenizer)
@@ -1021,6 +1054,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         attn=args.attn,
                         seed=args.seed,
                         threads=args.threads,
+                        tokenizer=args.tokenizer,
                     )
                 )
     results = []
@@ -1094,6 +1128,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--trainers", help=f"Comma-separated subset of: {', '.join(TRAINERS)}.")
     parser.add_argument("--datasets", help=f"Comma-separated subset of: {', '.join(DATASETS)}.")
     parser.add_argument("--models", help=f"Comma-separated models (presets: {', '.join(MODELS)}; or a path/Hub id).")
+    parser.add_argument(
+        "--tokenizer",
+        default="smollm2-135m",
+        help="Tokenizer for every run: the offline default (smollm2-135m) or a folder/Hub id. A folder with SmolLM2's "
+        "tokenizer files lets the random-init presets run where the offline model package is not installed.",
+    )
     parser.add_argument("--max-length", type=int, help="Row length: truncation (padded) and packed row size.")
     parser.add_argument(
         "--tokens-per-step",
