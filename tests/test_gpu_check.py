@@ -148,3 +148,16 @@ def test_help_runs_as_a_script():
         [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--help"], capture_output=True, text=True
     )
     assert proc.returncode == 0 and "--wheels" in proc.stdout and "--dry-run" in proc.stdout
+
+
+def test_pins_agree_with_the_bench_extra():
+    """The versions gpu_check accepts for the other fused heads are the `bench` extra's, and its pins satisfy them."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["bench"]
+    accepted = {name: ok for name, _, ok, _ in gpu_check.REQUIREMENTS}
+    for requirement in extra:
+        name, spec = requirement.split(">=", 1)
+        assert accepted[name] == f">={spec}", requirement
+    for name, pinned, ok, _ in gpu_check.REQUIREMENTS:
+        assert gpu_check._satisfies(pinned, ok), (name, pinned, ok)
