@@ -164,6 +164,12 @@ def available_methods(device: torch.device) -> tuple[list[str], dict[str, str]]:
             if name == "liger" and _liger_too_old():
                 skipped[name] = f"liger-kernel {_liger_too_old()} < 0.8.2 (wrong per-token gradients)"
                 continue
+        if name in ("full_lce", "torch_chunked") and not hasattr(F, "linear_cross_entropy"):
+            skipped[name] = f"F.linear_cross_entropy not in torch {torch.__version__}"
+            continue
+        if name == "torch_chunked" and not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            skipped[name] = f"torch.nn.LinearCrossEntropyOptions not in torch {torch.__version__}"
+            continue
         if name == "trl_head":
             try:
                 import trl.kernels.chunked_logprob  # noqa: F401
