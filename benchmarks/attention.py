@@ -21,7 +21,6 @@ sanity check: every layout/backend must agree (bf16 noise aside).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -36,6 +35,7 @@ from trl_plw.attention import (
     register_attention_backends,
     varlen_attn_status,
 )
+from trl_plw.benchmarking.common import sync, write_json
 
 GPU_CONFIG = dict(num_layers=4, hidden_size=1024, intermediate_size=2816, num_heads=16, num_kv_heads=4, vocab=32000)
 CPU_CONFIG = dict(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, vocab=256)
@@ -96,11 +96,6 @@ def padded_batch(docs: list[torch.Tensor], device: torch.device) -> dict[str, An
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_case(model, batch, impl: str, device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
     model.set_attn_implementation(impl)
     if device.type == "cuda":
@@ -109,11 +104,11 @@ def time_case(model, batch, impl: str, device: torch.device, warmup: int, steps:
     times, loss = [], float("nan")
     for i in range(warmup + steps):
         model.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         out = model(**batch, use_cache=False)
         out.loss.backward()
-        _sync(device)
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
         loss = float(out.loss.detach())
@@ -229,8 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(markdown_table(results))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.out, report, indent=2)
     return report
 
 

@@ -24,7 +24,6 @@ extrapolation underestimates a 2k-token step (attention grows quadratically), so
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from trl_plw.benchmarking.common import write_json
 from trl_plw.collator import DataCollatorForWeightedCompletionLM
 from trl_plw.roles import Role
 
@@ -277,8 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "given_step_seconds": args.step_seconds,
     }
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json, report, indent=1)
     return report
 
 

@@ -21,6 +21,9 @@ fwd+bwd (includes the gradient tensors themselves). On CUDA ``torch.cuda.max_mem
 buffers that MKL/oneDNN allocate internally are not seen).
 
 Usage: ``python benchmarks/loss_head.py [--quick] [--shapes smollm2,llama2,llama3] [--n-tokens 4096] [--out f.json]``
+
+GPU anchor shapes (bf16; run by ``benchmarks/gpu_check.py``): ``--device cuda --shapes h4096-v128k,h4096-v152k,h2048-v248k
+--plw0-shape none`` (8k, 8k and 16k tokens).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+from trl_plw.benchmarking.common import MiB, cpu_model, device_name, format_loadavg, sync, write_json  # noqa: E402
 from trl_plw.ops import weighted_linear_cross_entropy  # noqa: E402
 
 SHAPES = {  # name: (hidden size, vocab size)
@@ -48,12 +52,35 @@ SHAPES = {  # name: (hidden size, vocab size)
     "llama2": (4096, 32000),
     "llama3": (4096, 128256),
     "tiny": (64, 1000),
+    # The published GPU anchor shapes (bf16), run by benchmarks/gpu_check.py: Llama-3-8B and Qwen3-8B heads at 8k
+    # tokens, and a 2k-hidden model with a 248k vocabulary (Qwen3.5-class) at 16k tokens.
+    "h4096-v128k": (4096, 128256),
+    "h4096-v152k": (4096, 151936),
+    "h2048-v248k": (2048, 248320),
 }
+ANCHOR_SHAPES = ("h4096-v128k", "h4096-v152k", "h2048-v248k")
 # Tokens per shape: sized so that the default CPU run (3 shapes + PLW=0 case) stays under ~8 min on 2 cores
-DEFAULT_TOKENS_CPU = {"smollm2": 3072, "llama2": 768, "llama3": 256, "tiny": 256}
-DEFAULT_TOKENS_GPU = {"smollm2": 32768, "llama2": 16384, "llama3": 16384, "tiny": 4096}
+DEFAULT_TOKENS_CPU = {
+    "smollm2": 3072,
+    "llama2": 768,
+    "llama3": 256,
+    "tiny": 256,
+    "h4096-v128k": 256,
+    "h4096-v152k": 256,
+    "h2048-v248k": 256,
+}
+DEFAULT_TOKENS_GPU = {
+    "smollm2": 32768,
+    "llama2": 16384,
+    "llama3": 16384,
+    "tiny": 4096,
+    "h4096-v128k": 8192,
+    "h4096-v152k": 8192,
+    "h2048-v248k": 16384,
+}
+LIGER_MIN_VERSION = (0, 8, 2)
+"""Liger's ``reduction="none"`` returns wrong per-token gradients before 0.8.2, so older versions are skipped."""
 PLW0_FRACTION = 0.02
-MiB = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------------- methods
@@ -134,6 +161,15 @@ def available_methods(device: torch.device) -> tuple[list[str], dict[str, str]]:
             except Exception as e:  # noqa: BLE001
                 skipped[name] = f"not importable ({type(e).__name__})"
                 continue
+            if name == "liger" and _liger_too_old():
+                skipped[name] = f"liger-kernel {_liger_too_old()} < 0.8.2 (wrong per-token gradients)"
+                continue
+        if name in ("full_lce", "torch_chunked") and not hasattr(F, "linear_cross_entropy"):
+            skipped[name] = f"F.linear_cross_entropy not in torch {torch.__version__}"
+            continue
+        if name == "torch_chunked" and not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            skipped[name] = f"torch.nn.LinearCrossEntropyOptions not in torch {torch.__version__}"
+            continue
         if name == "trl_head":
             try:
                 import trl.kernels.chunked_logprob  # noqa: F401
@@ -142,6 +178,19 @@ def available_methods(device: torch.device) -> tuple[list[str], dict[str, str]]:
                 continue
         names.append(name)
     return names, skipped
+
+
+def _liger_too_old() -> str | None:
+    """The installed liger-kernel version if it is older than `LIGER_MIN_VERSION`, else None."""
+    import importlib.metadata
+    import re
+
+    try:
+        version = importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    parts = tuple(int(x) for x in re.findall(r"\d+", version)[:3])
+    return version if parts < LIGER_MIN_VERSION else None
 
 
 # ---------------------------------------------------------------------------------------------------- harness
@@ -161,11 +210,6 @@ def make_case(hdim, vocab, n, dtype, device, plw0, seed=0):
     h, W = h.to(device=device, dtype=dtype), W.to(device=device, dtype=dtype)
     t, w = t.to(device), w.to(device)
     return h.requires_grad_(), W.requires_grad_(), t, w, w.sum()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run_once(fn, h, W, t, w, denom):
@@ -438,14 +482,14 @@ def main(argv=None):
     import trl
 
     env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.processor() or ''}",
-        "cpu_model": _cpu_model(),
+        "device": device_name(device),
+        "cpu_model": cpu_model() or "",
         "torch": torch.__version__,
         "trl": trl.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "loadavg_before": _loadavg(),
+        "loadavg_before": format_loadavg(),
         "memory_method": (
             "torch.cuda.max_memory_allocated() - memory_allocated() before the run"
             if device.type == "cuda"
@@ -456,8 +500,6 @@ def main(argv=None):
         "max_other_load": args.max_other_load,
         "skipped": skipped,
     }
-    if device.type == "cpu" and env["cpu_model"]:
-        env["device"] = f"CPU {env['cpu_model']}"
     cases = [(s, False) for s in shapes] + ([(plw0_shape, True)] if plw0_shape else [])
     results = []
     for shape, plw0 in cases:
@@ -471,7 +513,7 @@ def main(argv=None):
         gc.collect()
         if args.out:  # partial results survive an interrupted run
             _write_json(args.out, env, results)
-    env["loadavg_after"] = _loadavg()
+    env["loadavg_after"] = format_loadavg()
     table = markdown(results, env)
     print(table)
     if args.out:
@@ -479,26 +521,7 @@ def main(argv=None):
 
 
 def _write_json(path, env, results):
-    with open(path, "w") as f:
-        json.dump({"env": env, "results": results, "ratios": [ratios(r) for r in results]}, f, indent=2)
-
-
-def _loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    write_json(path, {"env": env, "results": results, "ratios": [ratios(r) for r in results]}, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Smoke test of the throughput benchmark's machinery (benchmarks/throughput.py) on a tiny random Llama.
+"""Smoke test of the throughput benchmark's machinery (trl_plw.benchmarking.throughput) on a tiny random Llama.
 
 Every trainer configuration trains one epoch of the same eight examples (two optimizer steps) in this process. No
 timing is asserted: only the structure of the results and the token accounting (padded and packed runs must see
@@ -7,26 +7,24 @@ exactly the same real tokens for the same examples).
 
 from __future__ import annotations
 
-import importlib.util
 import math
+import os
+import shutil
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 from conftest import make_tiny_llama
 from datasets import Dataset
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_throughput_under_test", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    from trl_plw.benchmarking import throughput
+
+    return throughput
 
 
 def test_instruction_mix_is_deterministic(bench):
@@ -111,3 +109,39 @@ def test_cli_registers_bench():
     bench_cli.add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "--quick", "--bf16", "--trainers", "plw_packed"])
     assert args.quick and args.bf16 and args.trainers == "plw_packed" and callable(args.func)
+
+
+def test_bench_cli_needs_no_checkout():
+    """`trl-plw bench` imports the benchmark from the package: no path into a source checkout."""
+    from trl_plw import bench_cli
+
+    source = Path(bench_cli.__file__).read_text()
+    assert "parents[" not in source and "benchmarks/throughput.py" not in source.split('"""', 2)[2]
+
+
+def test_bench_runs_from_an_installed_wheel(tmp_path):
+    """Build the wheel from a copy of the sources, install it into a bare target folder and run `trl-plw bench`
+    from there (dependencies come from this interpreter's site-packages; the target comes first on the path)."""
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    shutil.copytree(repo / "src" / "trl_plw", src / "src" / "trl_plw", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(repo / name, src / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)], check=True
+    )
+    (wheel,) = (tmp_path / "dist").glob("trl_plw-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"trl_plw/benchmarking/throughput.py", "trl_plw/benchmarking/common.py", "trl_plw/bench_cli.py"} <= names
+    target = tmp_path / "target"
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)], check=True)
+
+    env = dict(os.environ, PYTHONPATH=str(target))
+    code = (
+        "import trl_plw.benchmarking.throughput as t, trl_plw.cli as c; print(t.__file__); c.main(['bench', '--help'])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].startswith(str(target))  # the installed copy, not the checkout
+    assert "--from-json" in proc.stdout and "--quick" in proc.stdout
