@@ -219,7 +219,7 @@ def test_bfd_packing_truncates_before_dropping_examples_without_completion(smoll
     else:  # keep_end keeps the answer and the end of the passage
         assert len(documents) == 4
         ids, roles = max(documents, key=lambda d: len(d[0]))
-        assert len(ids) == max_length and "No." in smollm2_tokenizer.decode([i for i, r in zip(ids, roles) if r == 1])
+        assert len(ids) == max_length and "No." in smollm2_tokenizer.decode([i for i, r in zip(ids, roles, strict=True) if r == 1])
 
 
 @pytest.mark.parametrize("strategy", ["bfd_split", "wrapped"])
@@ -475,3 +475,70 @@ def test_model_name_resolves_alias_and_picks_attention(monkeypatch, tmp_path, sm
     args = PLWConfig(**common_args(output_dir=str(tmp_path)), model_init_kwargs={"attn_implementation": "eager"})
     PLWTrainer._prepare_model_name("x", args)
     assert args.model_init_kwargs["attn_implementation"] == "eager"
+
+
+# ---------------------------------------------------------------- the drop-in path (issue 13)
+ALPACA_ROWS = [{"text": f"### Instruction:\n{p}\n\n### Response:\n{c}"} for p, c in PAIRS]
+RESPONSE = "### Response:\n"
+
+
+def alpaca_collator(tokenizer, **kwargs):
+    from trl_plw import DataCollatorForWeightedCompletionLM
+
+    return DataCollatorForWeightedCompletionLM(tokenizer=tokenizer, response_template=RESPONSE, **kwargs)
+
+
+@pytest.mark.parametrize("strategy", ["bfd", "bfd_split", "wrapped"])
+def test_collator_template_drives_packed_training(smollm2_tokenizer, tmp_path, strategy):
+    """TRL 0.19's pattern: the template stated only on the collator, PLW 0.1, packed. PLWTrainer prepares the dataset
+    with the collator's template and trains with the collator's weights: the packed loss equals a float64
+    full-logits reference over the same documents weighted by the user's collator itself (packing only reorders
+    the sums: 1e-10 bounds float64 rounding, far below any weighting difference)."""
+    model = tiny(len(smollm2_tokenizer)).double()
+    reference_model = copy.deepcopy(model).train()
+    collator = alpaca_collator(smollm2_tokenizer, prompt_loss_weight=0.1)
+    trainer = PLWTrainer(
+        model,
+        args=PLWConfig(
+            **common_args(output_dir=str(tmp_path)), packing=True, max_length=4096, packing_strategy=strategy,
+            shuffle_dataset=False,
+        ),
+        data_collator=collator,
+        train_dataset=Dataset.from_list(ALPACA_ROWS),
+        processing_class=smollm2_tokenizer,
+    )
+    assert trainer.args.response_template == RESPONSE and trainer.args.prompt_loss_weight == 0.1
+    assert collator.loss_weights_consumer is None  # the user's object is left as given
+    rows = list(trainer.train_dataset)
+    assert len(rows) == 1 and sum(len(r["input_ids"]) for r in rows) > 100
+    batch = trainer.data_collator(rows)
+    assert torch.unique(batch["loss_weights"]).tolist() == pytest.approx([0.0, 0.1, 1.0])
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+
+    texts = [r["text"] + smollm2_tokenizer.eos_token for r in ALPACA_ROWS]
+    examples = [smollm2_tokenizer(t)["input_ids"] for t in texts]
+    reference_batch = alpaca_collator(smollm2_tokenizer, prompt_loss_weight=0.1, loss_weights_consumer="test")(examples)
+    if strategy == "wrapped":
+        # One row without document boundaries (attention spans documents, by design of "wrapped"): the weights are
+        # the collator's everywhere except at document starts, which only the unpacked reference masks.
+        real = reference_batch["attention_mask"].bool()
+        expected = reference_batch["loss_weights"][real]
+        starts = torch.cumsum(real.sum(1), 0)[:-1]
+        got = batch["loss_weights"][0].clone()
+        got[starts] = 0.0
+        assert torch.equal(got, expected)
+        return
+    torch.testing.assert_close(loss, float64_reference_loss(reference_model, reference_batch), rtol=1e-10, atol=0)
+
+
+def float64_reference_loss(model, batch):
+    """sum(w * ce) / sum(w) over a padded batch with full float64 logits (the weights' float32 values, widened).
+
+    PLWTrainer hands the denominator to the head as float32 (rounded once, relative error <= 2**-24), so the
+    reference rounds it the same way; everything else is float64."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits[:, :-1].double()
+    targets = batch["input_ids"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    w = batch["loss_weights"][:, 1:].double().reshape(-1)
+    return (w * ce).sum() / w.sum().float().double()
