@@ -195,7 +195,8 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
 
     Migrating from TRL's ``DataCollatorForCompletionOnlyLM``: the same call works,
     ``DataCollatorForWeightedCompletionLM(response_template, tokenizer=tokenizer)`` (a template as the first
-    positional argument is read as ``response_template``, as it was there), with ``mlm=False``,
+    positional argument is read as ``response_template``, as it was there; give ``instruction_template`` by
+    keyword), with ``mlm=False``,
     ``ignore_index=-100``, ``padding_free`` and ``return_position_ids`` meaning what they meant. Examples may be
     bare sequences of token ids (``collator([[1, 2, 3]])``) or tokenizer outputs with an ``attention_mask``: tokens
     whose mask is 0 are padding and are removed before collation (with every per-token column), so the batch is
@@ -316,9 +317,10 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
         self._resolve_role_weights()
 
     def _accept_old_positional_arguments(self) -> None:
-        """``DataCollatorForCompletionOnlyLM(response_template, instruction_template=None, ...)`` took the templates
-        positionally; here the first two positional fields are ``pad_token_id`` and ``tokenizer``. A template
-        (text or token ids) in those places is moved to where it belongs, so the old call keeps its meaning."""
+        """``DataCollatorForCompletionOnlyLM(response_template, tokenizer=tokenizer)`` took the response template as
+        its first positional argument; here the first field is ``pad_token_id``. A template (text or token ids) there
+        is moved to ``response_template``, so the old call keeps its meaning. (The old second positional argument,
+        ``instruction_template``, cannot be told apart from ``tokenizer``: pass it by keyword.)"""
         if _is_template(self.pad_token_id):
             if self.response_template is not None:
                 raise ValueError(
@@ -326,10 +328,6 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
                     f"{self.response_template!r} is set too. Pass pad_token_id as an int (or leave it unset)."
                 )
             self.response_template, self.pad_token_id = self.pad_token_id, None
-            if _is_template(self.tokenizer):  # the old second positional argument: instruction_template
-                if self.instruction_template is not None:
-                    raise ValueError("instruction_template is given twice (positionally and by keyword).")
-                self.instruction_template, self.tokenizer = self.tokenizer, None
         elif self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int)):
             raise ValueError(f"pad_token_id={self.pad_token_id!r} must be an int token id (or None).")
 
