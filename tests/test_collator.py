@@ -555,3 +555,64 @@ def test_weights_follow_field_changes():
 def test_doctests():
     result = doctest.testmod(collator_module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+# ------------------------------------------------------------ the old DataCollatorForCompletionOnlyLM's inputs
+ALPACA = ["### Instruction:\nSay hi.\n\n### Response:\nHi!", "### Instruction:\nAdd 2 and 3.\n\n### Response:\n5"]
+
+
+def assert_batches_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_old_collator_inputs_token_id_lists_and_padded_dicts(smollm2_tokenizer, padding_free):
+    """Bare token-id lists and tokenizer outputs whose attention_mask marks padding give the batch of unpadded
+    dicts: padding inside an example is removed (with every per-token column) and the batch re-padded."""
+    collator = Collator(tokenizer=smollm2_tokenizer, response_template="### Response:\n", padding_free=padding_free)
+    ids = [smollm2_tokenizer(t)["input_ids"] for t in ALPACA]
+    expected = collator([{"input_ids": i} for i in ids])
+    assert_batches_equal(collator.torch_call(ids), expected)
+    assert_batches_equal(collator([torch.tensor(i) for i in ids]), expected)
+    assert_batches_equal(collator([smollm2_tokenizer(t) for t in ALPACA]), expected)
+    for side in ("right", "left"):
+        smollm2_tokenizer.padding_side = side
+        try:
+            encoded = smollm2_tokenizer(ALPACA, padding="max_length", max_length=40)
+        finally:
+            smollm2_tokenizer.padding_side = "right"
+        padded = [{k: encoded[k][i] for k in encoded} for i in range(len(ALPACA))]
+        assert 0 in padded[0]["attention_mask"]
+        assert_batches_equal(collator(padded), expected)
+    with pytest.raises(ValueError, match="attention_mask` has 2 entries"):
+        collator([{"input_ids": [1, 2, 3], "attention_mask": [1, 1]}])
+    with pytest.raises(ValueError, match="packed row"):
+        collator([{"input_ids": [1, 2, 3, 4], "attention_mask": [1, 1, 1, 0], "seq_lengths": [2, 2], "completion_mask": [0, 1, 0, 1]}])
+
+
+def test_old_collator_keyword_and_positional_arguments(smollm2_tokenizer):
+    """DataCollatorForCompletionOnlyLM(response_template, instruction_template, mlm=False, ignore_index=-100, ...)
+    keeps its meaning; what cannot be honoured is refused with the fix."""
+    old_style = Collator("### Response:\n", tokenizer=smollm2_tokenizer, mlm=False, ignore_index=-100)
+    assert old_style.response_template == "### Response:\n"
+    assert old_style.pad_token_id == smollm2_tokenizer.pad_token_id
+    new_style = Collator(tokenizer=smollm2_tokenizer, response_template="### Response:\n")
+    ids = [smollm2_tokenizer(t)["input_ids"] for t in ALPACA]
+    assert_batches_equal(old_style(ids), new_style(ids))
+    token_ids = Collator([5, 6], tokenizer=smollm2_tokenizer)  # a token-id template, positionally
+    assert token_ids.response_template == [5, 6] and token_ids.pad_token_id == smollm2_tokenizer.pad_token_id
+    with pytest.raises(ValueError, match="mlm=True"):
+        Collator(tokenizer=smollm2_tokenizer, mlm=True)
+    with pytest.raises(ValueError, match="ignore_index=-1: labels always use -100"):
+        Collator(tokenizer=smollm2_tokenizer, ignore_index=-1)
+    with pytest.raises(ValueError, match="pad_token_id=1.5 must be an int"):
+        Collator(1.5)
+    with pytest.raises(ValueError, match="response_template"):
+        Collator("### Response:\n", tokenizer=smollm2_tokenizer, response_template="### Answer:\n")
+    batch = Collator(tokenizer=smollm2_tokenizer, response_template="### Response:\n", return_position_ids=True)(ids)
+    assert batch["position_ids"][0, :3].tolist() == [0, 1, 2] and "attention_mask" in batch

@@ -235,7 +235,7 @@ def test_bfd_packing_truncates_before_dropping_examples_without_completion(smoll
     else:  # keep_end keeps the answer and the end of the passage
         assert len(documents) == 4
         ids, roles = max(documents, key=lambda d: len(d[0]))
-        assert len(ids) == max_length and "No." in smollm2_tokenizer.decode([i for i, r in zip(ids, roles) if r == 1])
+        assert len(ids) == max_length and "No." in smollm2_tokenizer.decode([i for i, r in zip(ids, roles, strict=True) if r == 1])
 
 
 @pytest.mark.parametrize("strategy", ["bfd_split", "wrapped"])
@@ -491,3 +491,193 @@ def test_model_name_resolves_alias_and_picks_attention(monkeypatch, tmp_path, sm
     args = PLWConfig(**common_args(output_dir=str(tmp_path)), model_init_kwargs={"attn_implementation": "eager"})
     PLWTrainer._prepare_model_name("x", args)
     assert args.model_init_kwargs["attn_implementation"] == "eager"
+
+
+# ---------------------------------------------------------------- the drop-in path (issue 13)
+ALPACA_ROWS = [{"text": f"### Instruction:\n{p}\n\n### Response:\n{c}"} for p, c in PAIRS]
+RESPONSE = "### Response:\n"
+
+
+def alpaca_collator(tokenizer, **kwargs):
+    from trl_plw import DataCollatorForWeightedCompletionLM
+
+    return DataCollatorForWeightedCompletionLM(tokenizer=tokenizer, response_template=RESPONSE, **kwargs)
+
+
+@pytest.mark.parametrize("strategy", ["bfd", "bfd_split", "wrapped"])
+def test_collator_template_drives_packed_training(smollm2_tokenizer, tmp_path, strategy):
+    """TRL 0.19's pattern: the template stated only on the collator, PLW 0.1, packed. PLWTrainer prepares the dataset
+    with the collator's template and trains with the collator's weights: the packed loss equals a float64
+    full-logits reference over the same documents weighted by the user's collator itself (packing only reorders
+    the sums: 1e-10 bounds float64 rounding, far below any weighting difference)."""
+    model = tiny(len(smollm2_tokenizer)).double()
+    reference_model = copy.deepcopy(model).train()
+    collator = alpaca_collator(smollm2_tokenizer, prompt_loss_weight=0.1)
+    trainer = PLWTrainer(
+        model,
+        args=PLWConfig(
+            **common_args(output_dir=str(tmp_path)), packing=True, max_length=4096, packing_strategy=strategy,
+            shuffle_dataset=False,
+        ),
+        data_collator=collator,
+        train_dataset=Dataset.from_list(ALPACA_ROWS),
+        processing_class=smollm2_tokenizer,
+    )
+    assert trainer.args.response_template == RESPONSE and trainer.args.prompt_loss_weight == 0.1
+    assert collator.loss_weights_consumer is None  # the user's object is left as given
+    rows = list(trainer.train_dataset)
+    assert len(rows) == 1 and sum(len(r["input_ids"]) for r in rows) > 100
+    batch = trainer.data_collator(rows)
+    assert torch.unique(batch["loss_weights"]).tolist() == pytest.approx([0.0, 0.1, 1.0])
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+
+    texts = [r["text"] + smollm2_tokenizer.eos_token for r in ALPACA_ROWS]
+    examples = [smollm2_tokenizer(t)["input_ids"] for t in texts]
+    reference_batch = alpaca_collator(smollm2_tokenizer, prompt_loss_weight=0.1, loss_weights_consumer="test")(examples)
+    if strategy == "wrapped":
+        # One row without document boundaries (attention spans documents, by design of "wrapped"): the weights are
+        # the collator's everywhere except at document starts, which only the unpacked reference masks.
+        real = reference_batch["attention_mask"].bool()
+        expected = reference_batch["loss_weights"][real]
+        starts = torch.cumsum(real.sum(1), 0)[:-1]
+        got = batch["loss_weights"][0].clone()
+        got[starts] = 0.0
+        assert torch.equal(got, expected)
+        return
+    torch.testing.assert_close(loss, float64_reference_loss(reference_model, reference_batch), rtol=1e-10, atol=0)
+
+
+def float64_reference_loss(model, batch):
+    """sum(w * ce) / sum(w) over a padded batch with full float64 logits (the weights' float32 values, widened).
+
+    PLWTrainer hands the denominator to the head as float32 (rounded once, relative error <= 2**-24), so the
+    reference rounds it the same way; everything else is float64."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits[:, :-1].double()
+    targets = batch["input_ids"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    w = batch["loss_weights"][:, 1:].double().reshape(-1)
+    return (w * ce).sum() / w.sum().float().double()
+
+
+def test_collator_and_config_conflicts_name_both_values(smollm2_tokenizer, tmp_path):
+    data = Dataset.from_list(ALPACA_ROWS)
+    cases = [
+        ({"prompt_loss_weight": 0.2}, {"prompt_loss_weight": 0.1}, r"prompt_loss_weight=0\.2.*prompt_loss_weight=0\.1"),
+        ({"response_template": "### Answer:"}, {}, r"response_template='### Answer:'.*response_template='### Response:\\n'"),
+        ({"example_weight_column": "w"}, {"example_weight_column": "v"}, r"example_weight_column='w'.*'v'"),
+        ({"role_weights": {"system": 0.0}}, {"role_weights": {"user": 0.5}}, r"role_weights=\{'system': 0\.0\}"),
+    ]
+    for config_kwargs, collator_kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            PLWTrainer(
+                tiny(len(smollm2_tokenizer)),
+                args=PLWConfig(**common_args(output_dir=str(tmp_path)), **config_kwargs),
+                data_collator=alpaca_collator(smollm2_tokenizer, **collator_kwargs),
+                train_dataset=data,
+                processing_class=smollm2_tokenizer,
+            )
+    # The same value stated twice is no conflict; a value stated only in PLWConfig reaches the collator.
+    trainer = PLWTrainer(
+        tiny(len(smollm2_tokenizer)),
+        args=PLWConfig(**common_args(output_dir=str(tmp_path)), response_template=RESPONSE, prompt_loss_weight=0.25),
+        data_collator=alpaca_collator(smollm2_tokenizer),
+        train_dataset=data,
+        processing_class=smollm2_tokenizer,
+    )
+    assert trainer.data_collator.prompt_loss_weight == 0.25
+
+
+def test_collator_policy_on_chat_data_with_padding_free_and_example_weights(smollm2_tokenizer, tmp_path):
+    """Role weights, prompt weight and example-weight column stated on the collator apply to chat data too, through
+    BFD packing (the scalar example weight is spread over tokens before packing)."""
+    from trl_plw import DataCollatorForWeightedCompletionLM
+
+    rows = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": p},
+                      {"role": "assistant", "content": c}], "importance": 2.0 if i == 0 else 1.0}
+        for i, (p, c) in enumerate(PAIRS)
+    ]
+    collator = DataCollatorForWeightedCompletionLM(
+        tokenizer=smollm2_tokenizer, prompt_loss_weight=0.3, role_weights={"system": 0.0, "template": 0.0},
+        example_weight_column="importance",
+    )
+    trainer = PLWTrainer(
+        tiny(len(smollm2_tokenizer)),
+        args=PLWConfig(**common_args(output_dir=str(tmp_path)), packing=True, max_length=4096, shuffle_dataset=False),
+        data_collator=collator,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=smollm2_tokenizer,
+    )
+    assert trainer.data_collator.padding_free and not collator.padding_free
+    assert trainer.args.example_weight_column == "importance"
+    (row,) = list(trainer.train_dataset)
+    batch = trainer.data_collator([row])
+    start = 0
+    for length in row["seq_lengths"]:  # BFD reorders documents; the first PAIR's has example weight 2
+        doc = slice(start, start + length)
+        expected = [0.0, 0.6, 2.0] if PAIRS[0][0] in smollm2_tokenizer.decode(row["input_ids"][doc]) else [0.0, 0.3, 1.0]
+        assert batch["loss_weights"][0, doc].unique().tolist() == pytest.approx(expected)
+        start += length
+    user_tokens = batch["prompt_mask"] & (batch["loss_weights"] != 0)
+    assert PAIRS[1][0] in smollm2_tokenizer.decode(batch["input_ids"][user_tokens])
+    assert "Be brief." not in smollm2_tokenizer.decode(batch["input_ids"][user_tokens])
+
+
+def test_collator_on_missing_template_ignore_drops_examples(smollm2_tokenizer, tmp_path):
+    rows = [*ALPACA_ROWS[:3], {"text": "no template in this one"}]
+    with pytest.raises(ValueError, match="on_missing_template='ignore'"):
+        PLWTrainer(
+            tiny(len(smollm2_tokenizer)), args=PLWConfig(**common_args(output_dir=str(tmp_path))),
+            data_collator=alpaca_collator(smollm2_tokenizer), train_dataset=Dataset.from_list(rows),
+            processing_class=smollm2_tokenizer,
+        )
+    trainer = PLWTrainer(
+        tiny(len(smollm2_tokenizer)), args=PLWConfig(**common_args(output_dir=str(tmp_path))),
+        data_collator=alpaca_collator(smollm2_tokenizer, on_missing_template="ignore"),
+        train_dataset=Dataset.from_list(rows), processing_class=smollm2_tokenizer,
+    )
+    assert len(trainer.train_dataset) == 3
+
+
+def chat_dataset() -> Dataset:
+    return Dataset.from_list(
+        [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]} for p, c in PAIRS]
+    )
+
+
+def test_trl_loss_switches_map_onto_weights_or_raise(smollm2_tokenizer, tmp_path):
+    def build(data, collator=None, **config):
+        return PLWTrainer(
+            tiny(len(smollm2_tokenizer)), args=PLWConfig(**common_args(output_dir=str(tmp_path)), **config),
+            data_collator=collator, train_dataset=data, processing_class=smollm2_tokenizer,
+        )
+
+    # assistant_only_loss=True on chat data: only assistant turns are weighted (TRL would refuse SmolLM2's template)
+    trainer = build(chat_dataset(), assistant_only_loss=True)
+    assert trainer.args.assistant_only_loss is True
+    batch = trainer.data_collator(first_rows(trainer.train_dataset, 2))
+    trained = smollm2_tokenizer.decode(batch["input_ids"][0][batch["loss_weights"][0] != 0])
+    assert trained == PAIRS[0][1] + "<|im_end|>"
+    assert torch.unique(batch["loss_weights"]).tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="not conversational"):
+        build(Dataset.from_list(ALPACA_ROWS), alpaca_collator(smollm2_tokenizer), assistant_only_loss=True)
+    # contradictions with a non-zero prompt weight, from PLWConfig or from the collator, raise
+    for switch in ("assistant_only_loss", "completion_only_loss"):
+        with pytest.raises(ValueError, match=rf"{switch}=True trains only.*prompt_loss_weight=0\.1"):
+            build(chat_dataset(), prompt_loss_weight=0.1, **{switch: True})
+        with pytest.raises(ValueError, match=rf"{switch}=True.*'user': 0\.5"):
+            build(chat_dataset(), role_weights={"user": 0.5}, **{switch: True})
+    with pytest.raises(ValueError, match=r"completion_only_loss=True.*prompt_loss_weight=0\.1"):
+        build(Dataset.from_list(ALPACA_ROWS), alpaca_collator(smollm2_tokenizer, prompt_loss_weight=0.1),
+              completion_only_loss=True)
+    # completion_only_loss=True with weight 0 is what PLW 0 does already
+    assert build(chat_dataset(), completion_only_loss=True).data_collator.prompt_loss_weight == 0.0
+    # completion_only_loss=False is TRL's full-sequence loss: a prompt weight left at 0 becomes 1 ...
+    trainer = build(chat_dataset(), completion_only_loss=False)
+    assert trainer.args.prompt_loss_weight == 1.0 and trainer.data_collator.prompt_loss_weight == 1.0
+    # ... an explicit non-zero one is kept, and plain text without templates trains on every token
+    assert build(chat_dataset(), completion_only_loss=False, prompt_loss_weight=0.1).args.prompt_loss_weight == 0.1
+    trainer = build(Dataset.from_list([{"text": "plain text"}] * 4), completion_only_loss=False)
+    batch = trainer.data_collator(first_rows(trainer.train_dataset, 1))
+    assert bool((batch["loss_weights"][0, 1:] == 1).all())

@@ -80,7 +80,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog="trl-plw")
     module.add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([name, *rest])
+    args, unknown = parser.parse_known_args([name, *rest])
+    if hasattr(args, "rest"):
+        # A command that hands its arguments on untouched (`sft` -> TrlParser). argparse's REMAINDER does not capture
+        # a leading option such as `--config recipe.yaml`, so the arguments are passed as given.
+        args.rest = rest
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(args.func(args) or 0)
 
 

@@ -59,6 +59,57 @@ def _sequence_length(value: Any) -> int | None:
     return None
 
 
+def _is_template(value: Any) -> bool:
+    """A text template or a (non-empty) list of token ids, as opposed to a pad token id or a tokenizer."""
+    return isinstance(value, str) or (
+        isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, int) for v in value)
+    )
+
+
+def _as_example(example: Any, index: int) -> Mapping[str, Any]:
+    """An example as a mapping: bare token-id sequences (the old collator's other input) become ``input_ids``."""
+    if isinstance(example, Mapping):
+        return example
+    if isinstance(example, (list, tuple, np.ndarray, torch.Tensor)):
+        return {"input_ids": example}
+    raise ValueError(
+        f"Example {index} is a {type(example).__name__}; give a dict with `input_ids` (and optional per-token "
+        "columns) or a sequence of token ids."
+    )
+
+
+def _drop_padding(example: Mapping[str, Any], index: int, example_weight_column: str) -> Mapping[str, Any]:
+    """Remove the tokens an example's ``attention_mask`` marks as padding (0), from every per-token column.
+
+    Tokenizer outputs carry an all-ones mask (nothing to do). Pre-padded examples (the old collator padded them
+    further with ``tokenizer.pad``, keeping their zeros) lose their pads here and are re-padded by the collator, which
+    gives the same attention and labels in padded mode and correct boundaries in padding-free mode."""
+    mask = example.get("attention_mask")
+    if mask is None:
+        return example
+    mask = _tensor(mask, torch.int64, "attention_mask", index)
+    n = _sequence_length(example["input_ids"])
+    if mask.numel() != n:
+        raise ValueError(
+            f"Example {index}: `attention_mask` has {mask.numel()} entries but `input_ids` has {n}. " + _ALIGNMENT_HINT
+        )
+    if bool(mask.all()):
+        return example
+    if example.get("seq_lengths") is not None:
+        raise ValueError(
+            f"Example {index} is a packed row (`seq_lengths`) with zeros in its `attention_mask`; padding inside a "
+            "packed row would break the document lengths. Pack unpadded examples (drop the padding first)."
+        )
+    keep = mask != 0
+    cleaned = dict(example)
+    cleaned.pop("attention_mask")
+    for name in ("input_ids", *_ALIGNED_COLUMNS, example_weight_column):
+        value = example.get(name)
+        if _sequence_length(value) == n:
+            cleaned[name] = torch.as_tensor(value)[keep]
+    return cleaned
+
+
 def _check_length(tensor: torch.Tensor, n: int, name: str, index: int) -> None:
     if tensor.numel() != n:
         raise ValueError(
@@ -138,6 +189,21 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
             on the 0/1 labels only. ``trl_plw.PLWTrainer`` sets it; a custom loop or SFTTrainer subclass that applies
             the weights itself should set it to any name. 0/1 weights are always safe: the labels carry them.
         return_tensors: only ``"pt"``.
+        mlm: accepted for the old collator's signature; only ``False`` (causal LM) is supported.
+        ignore_index: accepted for the old collator's signature; labels always use -100 (the value PyTorch's
+            cross-entropy, transformers and TRL skip), so any other value is refused.
+
+    Migrating from TRL's ``DataCollatorForCompletionOnlyLM``: the same call works,
+    ``DataCollatorForWeightedCompletionLM(response_template, tokenizer=tokenizer)`` (a template as the first
+    positional argument is read as ``response_template``, as it was there; give ``instruction_template`` by
+    keyword), with ``mlm=False``,
+    ``ignore_index=-100``, ``padding_free`` and ``return_position_ids`` meaning what they meant. Examples may be
+    bare sequences of token ids (``collator([[1, 2, 3]])``) or tokenizer outputs with an ``attention_mask``: tokens
+    whose mask is 0 are padding and are removed before collation (with every per-token column), so the batch is
+    re-padded consistently in every mode. Handed to `trl_plw.PLWTrainer`, the collator is the single source of its
+    weighting policy (templates, weights, ``role_weights``, ``example_weight_column``, ``on_missing_template``):
+    the trainer prepares the dataset with it, also for packing, and raises where `trl_plw.PLWConfig` states a
+    different value.
 
     Examples:
     ```python
@@ -200,8 +266,21 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
     on_missing_template: Literal["raise", "ignore"] = "raise"
     loss_weights_consumer: str | None = None
     return_tensors: str = "pt"
+    mlm: bool = False
+    ignore_index: int = -100
 
     def __post_init__(self) -> None:
+        self._accept_old_positional_arguments()
+        if self.mlm:
+            raise ValueError(
+                "mlm=True (masked language modeling) is not supported: this collator weights a causal LM's next-token "
+                "loss, like the DataCollatorForCompletionOnlyLM it replaces. Drop mlm or set mlm=False."
+            )
+        if self.ignore_index != -100:
+            raise ValueError(
+                f"ignore_index={self.ignore_index!r}: labels always use -100, the index PyTorch's cross-entropy, "
+                "transformers and TRL skip (and the weights, not the labels, carry the policy here). Drop ignore_index."
+            )
         if self.return_tensors != "pt":
             raise ValueError(f"return_tensors={self.return_tensors!r}: only 'pt' is supported.")
         if self.on_missing_template not in ("raise", "ignore"):
@@ -236,6 +315,27 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
         self.num_missing_template = 0
         self._weights_key = None
         self._resolve_role_weights()
+
+    def _accept_old_positional_arguments(self) -> None:
+        """``DataCollatorForCompletionOnlyLM(response_template, tokenizer=tokenizer)`` took the response template as
+        its first positional argument; here the first field is ``pad_token_id``. A template (text or token ids) there
+        is moved to ``response_template``, so the old call keeps its meaning. (The old second positional argument,
+        ``instruction_template``, cannot be told apart from ``tokenizer``: pass it by keyword.)"""
+        if _is_template(self.pad_token_id):
+            if self.response_template is not None:
+                raise ValueError(
+                    f"pad_token_id={self.pad_token_id!r} looks like a response template, but response_template="
+                    f"{self.response_template!r} is set too. Pass pad_token_id as an int (or leave it unset)."
+                )
+            self.response_template, self.pad_token_id = self.pad_token_id, None
+        elif self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int)):
+            raise ValueError(f"pad_token_id={self.pad_token_id!r} must be an int token id (or None).")
+
+    @property
+    def template_matcher(self) -> TemplateMatcher | None:
+        """The `TemplateMatcher` of ``response_template``/``instruction_template`` (None without templates);
+        PLWTrainer uses it to build ``token_roles`` at dataset preparation."""
+        return self._matcher
 
     # ------------------------------------------------------------------------------------------------ role weights
     def _resolve_role_weights(self) -> torch.Tensor:
@@ -373,6 +473,7 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
         scales = []
         packed = False
         for i, example in enumerate(examples):
+            example = _drop_padding(_as_example(example, i), i, self.example_weight_column)
             if "input_ids" not in example:
                 raise ValueError(f"Example {i} has no `input_ids` (keys: {sorted(example)}).")
             ids = _tensor(example["input_ids"], torch.int64, "input_ids", i)

@@ -18,6 +18,8 @@ What changes relative to `trl.SFTTrainer`, and why:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -38,7 +40,7 @@ from trl.data_utils import (
 
 from trl_plw.collator import DataCollatorForWeightedCompletionLM
 from trl_plw.metrics import SplitMetrics
-from trl_plw.roles import Role, tokenize_messages, tokenize_prompt_completion
+from trl_plw.roles import Role, RoleWeights, tokenize_messages, tokenize_prompt_completion
 from trl_plw.schedules import SCHEDULE_KINDS, prompt_weight_at
 from trl_plw.weighted_head import add_weighted_lm_head
 
@@ -181,6 +183,22 @@ class PLWConfig(SFTConfig):
 class PLWTrainer(SFTTrainer):
     """[`trl.SFTTrainer`] with real-valued per-token loss weights, a fused weighted loss and split metrics.
 
+    The weighting policy comes from `PLWConfig` or from a `DataCollatorForWeightedCompletionLM` passed as
+    ``data_collator`` (the path of TRL 0.19's ``DataCollatorForCompletionOnlyLM`` users). A given collator is the
+    single source of what it states: its ``response_template``/``instruction_template`` build the ``token_roles`` of
+    plain-text data at dataset preparation (so packing carries them), its ``prompt_loss_weight``,
+    ``completion_loss_weight``, ``role_weights``, ``example_weight_column``, ``pad_to_multiple_of`` and
+    ``on_missing_template`` apply to every data format, and ``self.args`` is updated to them. A setting counts as
+    stated when it differs from its default; when both state it with different values, construction raises naming
+    both. The trainer works on a copy of the collator (padding-free when the configuration is, with
+    ``loss_weights_consumer`` set), so the object you passed is left unchanged.
+
+    TRL's switches keep their meaning: ``completion_only_loss=True`` and ``assistant_only_loss=True`` require every
+    prompt-side weight to be 0 (they raise otherwise); ``assistant_only_loss=True`` needs conversational data, whose
+    assistant turns PLWTrainer finds for any prefix-consistent chat template (no ``{% generation %}`` markers
+    needed). ``completion_only_loss=False`` is TRL's full-sequence loss: a prompt weight left at 0 becomes 1 (and on
+    plain text without templates every token is trained).
+
     Example:
     ```python
     >>> from datasets import Dataset
@@ -212,18 +230,23 @@ class PLWTrainer(SFTTrainer):
         elif not isinstance(args, PLWConfig):
             raise TypeError(f"`args` must be a PLWConfig, got {type(args).__name__}: build it with PLWConfig(...).")
         self._check_supported(args, data_collator, compute_loss_func, compute_metrics, preprocess_logits_for_metrics)
+        # A given collator is the single source of its weighting policy: merged into args (conflicts raise), and
+        # TRL's completion_only_loss/assistant_only_loss are mapped onto the weights (contradictions raise).
+        data_collator = _resolve_weighting_policy(args, data_collator)
         if isinstance(model, str):
             model = self._prepare_model_name(model, args)
         self._plw_args = args  # `_prepare_dataset` runs inside super().__init__, before `self.args` exists
-        super().__init__(
-            model,
-            args=args,
-            data_collator=None,  # ours is set below: TRL refuses a custom collator together with padding-free
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            **kwargs,
-        )
+        self._plw_collator = data_collator
+        with self._assistant_only_loss_hidden(args):
+            super().__init__(
+                model,
+                args=args,
+                data_collator=None,  # ours is set below: TRL refuses a custom collator together with padding-free
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                **kwargs,
+            )
         self._check_parallelism()
         if data_collator is None:
             data_collator = DataCollatorForWeightedCompletionLM(
@@ -237,10 +260,10 @@ class PLWTrainer(SFTTrainer):
                 pad_to_multiple_of=args.pad_to_multiple_of,
             )
         elif self.padding_free and not data_collator.padding_free:
-            raise ValueError(
-                "This configuration is padding-free (padding_free=True or BFD packing), but the data_collator was "
-                "built with padding_free=False. Build it with padding_free=True or leave data_collator unset."
-            )
+            # BFD packing (or padding_free=True) needs one flattened row per batch for varlen attention; the
+            # collator is the trainer's own copy, so switching its layout changes no weight and no user object.
+            logger.info("The data_collator is switched to padding_free=True (this configuration is padding-free).")
+            data_collator.padding_free = True
         data_collator.loss_weights_consumer = type(self).__name__
         self.data_collator = data_collator
 
@@ -269,6 +292,21 @@ class PLWTrainer(SFTTrainer):
             args.prompt_loss_weight_schedule,
             args.loss_normalization,
         )
+
+    @contextlib.contextmanager
+    def _assistant_only_loss_hidden(self, args: PLWConfig):
+        """Run SFTTrainer.__init__ with ``assistant_only_loss=False``, restoring it afterwards.
+
+        With it set, TRL swaps in a training chat template with ``{% generation %}`` markers, or raises for templates
+        it cannot patch (SmolLM2's among them). PLWTrainer does not use that template: `tokenize_messages` finds the
+        assistant turns of any prefix-consistent template, and the weights (prompt side 0, checked before) do the
+        rest. The value is kept for `_prepare_dataset`, which checks that the data is conversational, like TRL."""
+        self._assistant_only_loss = args.assistant_only_loss
+        args.assistant_only_loss = False
+        try:
+            yield
+        finally:
+            args.assistant_only_loss = self._assistant_only_loss
 
     # ------------------------------------------------------------------ validation
     @staticmethod
@@ -342,6 +380,14 @@ class PLWTrainer(SFTTrainer):
             map_kwargs["num_proc"] = args.dataset_num_proc
 
         columns = get_dataset_column_names(dataset)
+        if getattr(self, "_assistant_only_loss", False):
+            first = next(iter(dataset))
+            if not (is_conversational(first) or "assistant_masks" in first or "token_roles" in first):
+                raise ValueError(
+                    f"You set `assistant_only_loss=True`, but the {dataset_name} dataset is not conversational (no "
+                    "'messages' or conversational 'prompt'/'completion'). This option is only supported for "
+                    "conversational datasets; for plain text use response_template/instruction_template instead."
+                )
         if "input_ids" not in columns:
             if formatting_func is not None:
                 dataset = dataset.map(lambda ex: {"text": formatting_func(ex)}, **map_kwargs)
@@ -362,14 +408,20 @@ class PLWTrainer(SFTTrainer):
             )
         columns = get_dataset_column_names(dataset)
         if not any(c in columns for c in SPLIT_COLUMNS):
-            if args.response_template is None:
+            if self._template_matcher is not None:
+                dataset = self._apply_templates(dataset, dataset_name, map_kwargs)
+            elif args.completion_only_loss is False:  # TRL's full-sequence loss on language-modeling data
+                dataset = dataset.map(
+                    lambda ex: {"token_roles": [int(Role.COMPLETION)] * len(ex["input_ids"])}, **map_kwargs
+                )
+            else:
                 raise ValueError(
                     f"The {dataset_name} dataset has no prompt/completion split: PLWTrainer looked for the columns "
                     "'prompt'+'completion' (prompt-completion data), 'messages' (chat data), or per-token "
                     f"{', '.join(repr(c) for c in SPLIT_COLUMNS)} in {columns}. Provide one of them, or set "
-                    "`response_template` (and `instruction_template` for multi-turn text) in PLWConfig."
+                    "`response_template` (and `instruction_template` for multi-turn text) in PLWConfig or on the "
+                    "data_collator, or completion_only_loss=False to train on every token."
                 )
-            dataset = dataset.map(self._roles_from_templates, **map_kwargs)
 
         per_token = [c for c in PER_TOKEN_COLUMNS if c in get_dataset_column_names(dataset)]
         example_weight = args.example_weight_column
@@ -433,28 +485,58 @@ class PLWTrainer(SFTTrainer):
             f"'{text_field}' column in an example with keys {sorted(example)}."
         )
 
+    @property
+    def _on_missing_template(self) -> str:
+        collator = self._plw_collator
+        return "raise" if collator is None else collator.on_missing_template
+
+    def _apply_templates(self, dataset, dataset_name: str, map_kwargs: dict[str, Any]):
+        """``token_roles`` from the response/instruction templates, so that truncation and packing carry them.
+
+        An example without the response template raises, or, with the collator's ``on_missing_template="ignore"``,
+        gets only IGNORE roles and is dropped by the completion filter (counted in a warning), as the collator
+        would give it weight 0."""
+        dataset = dataset.map(self._roles_from_templates, **map_kwargs)
+        if self._on_missing_template == "ignore" and isinstance(dataset, Dataset):
+            missing = sum(1 for found in dataset["_template_found"] if not found)
+            if missing:
+                logger.warning(
+                    "%d of %d %s examples have no response template %r; they are dropped "
+                    "(on_missing_template='ignore').",
+                    missing,
+                    len(dataset),
+                    dataset_name,
+                    self._plw_args.response_template,
+                )
+        return dataset.remove_columns("_template_found")
+
     def _roles_from_templates(self, example: dict[str, Any]) -> dict[str, Any]:
-        roles = self._template_roles(example["input_ids"])
-        return {"token_roles": roles}
+        input_ids = example["input_ids"]
+        roles, found = self._template_matcher.roles(input_ids)
+        if not found:
+            if self._on_missing_template == "raise":
+                raise ValueError(
+                    f"response_template={self._plw_args.response_template!r} was not found in an example "
+                    f"({self._tokenizer.decode(input_ids[:60])!r}...). Fix the template, drop such examples, or "
+                    "build the data_collator with on_missing_template='ignore' to drop them."
+                )
+            roles = [int(Role.IGNORE)] * len(input_ids)
+        return {"token_roles": [int(r) for r in roles], "_template_found": bool(found)}
 
     @property
     def _template_matcher(self):
+        """The collator's template matcher if it has templates, else one built from PLWConfig's, else None."""
         if getattr(self, "_template_matcher_cache", None) is None:
-            from trl_plw.roles import TemplateMatcher
+            collator = self._plw_collator
+            if collator is not None and collator.template_matcher is not None:
+                self._template_matcher_cache = collator.template_matcher
+            elif self._plw_args.response_template is not None:
+                from trl_plw.roles import TemplateMatcher
 
-            self._template_matcher_cache = TemplateMatcher(
-                self._tokenizer, self._plw_args.response_template, self._plw_args.instruction_template
-            )
-        return self._template_matcher_cache
-
-    def _template_roles(self, input_ids: list[int]) -> list[int]:
-        roles, found = self._template_matcher.roles(input_ids)
-        if not found:
-            raise ValueError(
-                f"response_template={self._plw_args.response_template!r} was not found in an example "
-                f"({self._tokenizer.decode(input_ids[:60])!r}...). Fix the template, or drop such examples."
-            )
-        return [int(r) for r in roles]
+                self._template_matcher_cache = TemplateMatcher(
+                    self._tokenizer, self._plw_args.response_template, self._plw_args.instruction_template
+                )
+        return getattr(self, "_template_matcher_cache", None)
 
     # ------------------------------------------------------------------ weights and denominator
     @property
@@ -596,3 +678,88 @@ def _has_completion(example: dict[str, Any]) -> bool:
     if "assistant_masks" in example:
         return 1 in example["assistant_masks"]
     return True
+
+
+# Settings both PLWConfig and DataCollatorForWeightedCompletionLM have, with the same meaning.
+SHARED_POLICY_FIELDS = (
+    "response_template",
+    "instruction_template",
+    "prompt_loss_weight",
+    "completion_loss_weight",
+    "role_weights",
+    "example_weight_column",
+    "pad_to_multiple_of",
+)
+
+
+def _default(cls: type, name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _resolve_weighting_policy(
+    args: PLWConfig, collator: DataCollatorForWeightedCompletionLM | None
+) -> DataCollatorForWeightedCompletionLM | None:
+    """Merge a given collator's policy into ``args`` and return the trainer's copy of the collator.
+
+    A setting is *stated* where it differs from its default. The collator's stated values go into ``args`` (so
+    dataset preparation, schedules and logs use them); PLWConfig's stated values go into the copy; both stated and
+    different raises, naming both. Then TRL's ``completion_only_loss``/``assistant_only_loss`` are applied, and the
+    copy gets the prompt weight in force (1.0 with a schedule: the scheduled value multiplies it at loss time)."""
+    if collator is not None:
+        to_collator = {}
+        for name in SHARED_POLICY_FIELDS:
+            ours, theirs = getattr(args, name), getattr(collator, name)
+            ours_stated = ours != _default(PLWConfig, name)
+            theirs_stated = theirs != _default(DataCollatorForWeightedCompletionLM, name)
+            if ours_stated and theirs_stated and ours != theirs:
+                raise ValueError(
+                    f"PLWConfig.{name}={ours!r} but the data_collator has {name}={theirs!r}. The collator passed to "
+                    "PLWTrainer is the source of its weighting policy; state the setting in one place only (or give "
+                    "both the same value)."
+                )
+            if theirs_stated:
+                setattr(args, name, theirs)
+            elif ours_stated:
+                to_collator[name] = ours
+        collator = dataclasses.replace(collator, **to_collator)
+    _apply_loss_switches(args)
+    if collator is not None:
+        collator.prompt_loss_weight = 1.0 if args.has_schedule else args.prompt_loss_weight
+    return collator
+
+
+def _prompt_side_peaks(args: PLWConfig) -> dict[str, float]:
+    """The largest weight each prompt-side role (prompt, system, user, tool, template) gets during training."""
+    if args.has_schedule:  # role weights are factors of the scheduled prompt weight
+        peak = max(args.prompt_loss_weight, args.prompt_loss_weight_end)
+        factors = RoleWeights.from_mapping(args.role_weights, allow_negative=True, prompt=1.0).resolved()
+        weights = {role: peak * factor for role, factor in factors.items()}
+    else:
+        weights = RoleWeights.from_mapping(
+            args.role_weights, allow_negative=True, prompt=args.prompt_loss_weight
+        ).resolved()
+    weights.pop("completion")
+    return weights
+
+
+def _apply_loss_switches(args: PLWConfig) -> None:
+    """Map TRL's ``completion_only_loss``/``assistant_only_loss`` onto the weights, or raise where they contradict
+    them: never ignore them silently."""
+    trained = {role: weight for role, weight in _prompt_side_peaks(args).items() if weight != 0}
+    for switch, what in (("completion_only_loss", "the completion"), ("assistant_only_loss", "the assistant turns")):
+        if getattr(args, switch) is True and trained:
+            raise ValueError(
+                f"{switch}=True trains only {what}, but prompt-side tokens have non-zero weights {trained} "
+                f"(prompt_loss_weight={args.prompt_loss_weight}, role_weights={args.role_weights}, schedule="
+                f"{args.prompt_loss_weight_schedule!r}). Drop {switch} (PLWTrainer weights the prompt instead of "
+                "masking it), or set the prompt-side weights to 0."
+            )
+    if args.completion_only_loss is False and not trained:
+        if args.has_schedule:
+            raise ValueError(
+                "completion_only_loss=False asks for a loss on the prompt too, but the prompt-loss-weight schedule "
+                f"keeps it at 0 ({args.prompt_loss_weight} -> {args.prompt_loss_weight_end}). Set a non-zero "
+                "prompt_loss_weight or prompt_loss_weight_end, or drop completion_only_loss."
+            )
+        logger.info("completion_only_loss=False: prompt_loss_weight 0 -> 1 (TRL's full-sequence loss).")
+        args.prompt_loss_weight = 1.0
