@@ -441,6 +441,8 @@ def main(argv=None):
     p.add_argument("--methods", default=None, help="comma list (default: all available)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 where native (CUDA, CPUs with AVX512-BF16/AMX), else fp32; recorded CPU runs: fp32")
     p.add_argument("--max-other-load", type=float, default=0.15,
                    help="CPU: discard (and retry) timing samples during which other processes used more than this "
                    "fraction of the machine's CPU time; 1 disables")  # fmt: skip
@@ -458,7 +460,12 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.dtype == "auto":  # the project's precision rule: bf16 where native (CUDA, AVX512-BF16/AMX CPUs)
+        from trl_plw.precision import default_dtype
+
+        dtype = default_dtype(device)
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     if args.quick:
         shapes, plw0_shape, reps = ["tiny"], "tiny", args.reps or 2
     else:

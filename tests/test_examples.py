@@ -122,7 +122,7 @@ def test_sft_recipe_yaml(tiny_model_dir, tmp_path, monkeypatch):
         [
             "sft", "--config", str(EXAMPLES / "sft_recipe.yaml"), "--model_name_or_path", tiny_model_dir,
             "--dataset_name", str(EXAMPLES / "data" / "chat_sample.jsonl"), "--output_dir", str(tmp_path),
-            "--max_steps", "2", "--bf16", "false", "--use_cpu", "true",
+            "--max_steps", "2", "--no-bf16", "--use_cpu", "true",
         ]
     )
     assert code == 0

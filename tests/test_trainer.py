@@ -135,7 +135,7 @@ def reference_weighted_loss(model, batch, plw, normalization="weights"):
     targets = batch["input_ids"][:, 1:]
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
     ce = ce.view_as(targets)
-    w = batch["loss_weights"][:, 1:]
+    w = batch["loss_weights"][:, 1:].double()  # the float32 weights, summed in float64 like the trainer
     denominator = w.sum() if normalization == "weights" else (w != 0).sum()
     return (w * ce).sum() / denominator, ce
 
@@ -548,16 +548,13 @@ def test_collator_template_drives_packed_training(smollm2_tokenizer, tmp_path, s
 
 
 def float64_reference_loss(model, batch):
-    """sum(w * ce) / sum(w) over a padded batch with full float64 logits (the weights' float32 values, widened).
-
-    PLWTrainer hands the denominator to the head as float32 (rounded once, relative error <= 2**-24), so the
-    reference rounds it the same way; everything else is float64."""
+    """sum(w * ce) / sum(w) over a padded batch with full float64 logits (the weights' float32 values, widened)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     logits = out.logits[:, :-1].double()
     targets = batch["input_ids"][:, 1:]
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
     w = batch["loss_weights"][:, 1:].double().reshape(-1)
-    return (w * ce).sum() / w.sum().float().double()
+    return (w * ce).sum() / w.sum()
 
 
 def test_collator_and_config_conflicts_name_both_values(smollm2_tokenizer, tmp_path):

@@ -15,8 +15,7 @@ import transformers as tf
 from conftest import assert_exact
 from datasets import Dataset
 
-from trl_plw import PLWConfig, PLWTrainer
-from trl_plw import precision
+from trl_plw import PLWConfig, PLWTrainer, precision
 
 PAIRS = [
     ("Name a primary colour.", "Red"),
@@ -130,6 +129,7 @@ def test_peft_lora_on_lm_head_trains_the_adapter_exactly(smollm2_tokenizer, tmp_
 
     model = make_tiny_llama(vocab_size=len(smollm2_tokenizer)).double()
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False)
+    reference_model = peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(config))  # forward: the model's own
     trainer = PLWTrainer(
         model,
         args=args(tmp_path, prompt_loss_weight=0.1),
@@ -137,7 +137,7 @@ def test_peft_lora_on_lm_head_trains_the_adapter_exactly(smollm2_tokenizer, tmp_
         processing_class=smollm2_tokenizer,
         peft_config=config,
     )
-    reference_model = copy.deepcopy(trainer.model)  # the same adapters; its forward is the model's own
+    reference_model.load_state_dict(trainer.model.state_dict())  # the same adapter values
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     trainer.model.train(), reference_model.train()
     loss = trainer.compute_loss(trainer.model, dict(batch))

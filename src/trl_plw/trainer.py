@@ -237,7 +237,7 @@ class PLWTrainer(SFTTrainer):
             model = self._prepare_model_name(model, args)
         self._plw_args = args  # `_prepare_dataset` runs inside super().__init__, before `self.args` exists
         self._plw_collator = data_collator
-        with self._assistant_only_loss_hidden(args):
+        with self._assistant_only_loss_hidden(args), _adapters_on_lm_head_allowed():
             super().__init__(
                 model,
                 args=args,
@@ -595,7 +595,8 @@ class PLWTrainer(SFTTrainer):
         else:
             normalizer = torch.as_tensor(num_items_in_batch, dtype=torch.float64, device=weights.device)
         # A window without weight has a zero numerator too; divide by 1 to return a finite 0.
-        normalizer = torch.where(normalizer > 0, normalizer, torch.ones_like(normalizer)).float()
+        # Kept in float64: the kernel casts it to its accumulation dtype (float64 for float64 models).
+        normalizer = torch.where(normalizer > 0, normalizer, torch.ones_like(normalizer))
 
         if self.aux_loss_enabled:  # MoE: the model returns its router's load-balancing loss (SFTTrainer's switch)
             inputs["output_router_logits"] = True
@@ -666,6 +667,32 @@ class PLWTrainer(SFTTrainer):
                 logs.update(metrics)
                 logs["prompt_loss_weight"] = self.current_prompt_loss_weight
         super().log(logs, start_time)
+
+
+@contextlib.contextmanager
+def _adapters_on_lm_head_allowed():
+    """Run SFTTrainer.__init__ without its refusal of PEFT adapters on ``lm_head``.
+
+    TRL refuses them because its fused head reads ``lm_head.weight`` and would never train the adapter. The weighted
+    head computes LoRA/DoRA heads exactly (tests/test_head_matrix.py) and refuses, by itself, the head wrappers it
+    cannot reproduce (`trl_plw.weighted_head.check_head_supported`, called when the head is added). The refusal is
+    TRL's only use of the name ``BaseTunerLayer`` in that module; it is restored on exit.
+    """
+    from trl.trainer import sft_trainer
+
+    original = getattr(sft_trainer, "BaseTunerLayer", None)
+    if original is None:
+        yield
+        return
+
+    class _NoTunerLayer:  # isinstance(head, _NoTunerLayer) is never true
+        pass
+
+    sft_trainer.BaseTunerLayer = _NoTunerLayer
+    try:
+        yield
+    finally:
+        sft_trainer.BaseTunerLayer = original
 
 
 def _has_completion(example: dict[str, Any]) -> bool:

@@ -1118,7 +1118,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="Smoke run (~1-2 min on CPU): shorter rows, fewer steps.")
     parser.add_argument("--out", help="Write the full report (settings, per-step records, table, checks) as JSON.")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for every trainer (default: fp32 for all).")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast for every trainer (default: where native: CUDA with bf16, CPUs with AVX512-BF16/AMX; "
+        "else fp32). The recorded CPU runs used --no-bf16.",
+    )
     parser.add_argument(
         "--gradient-checkpointing",
         action="store_true",
@@ -1190,7 +1196,20 @@ def rerender(path: str) -> dict[str, Any]:
     return report
 
 
+def resolve_bf16(args: argparse.Namespace) -> None:
+    """``--bf16``/``--no-bf16`` as given; unset, the project's rule: bf16 only where the hardware computes it
+    natively (`trl_plw.precision`), so a CPU without AVX512-BF16/AMX is not benchmarked on emulated bf16."""
+    if args.bf16 is None:
+        import torch
+
+        from trl_plw.precision import default_bf16
+
+        on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+        args.bf16 = default_bf16(use_cpu=on_cpu)
+
+
 def run_from_args(args: argparse.Namespace) -> int:
+    resolve_bf16(args)
     if args.from_json:
         report = rerender(args.from_json)
         if args.out:
