@@ -7,6 +7,7 @@ model. Everything runs offline: the Hub is never contacted.
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -22,6 +23,12 @@ import torch
 # vocabulary) and nothing else; float32 would make them depend on one CPU's SIMD width and accumulation order.
 F64_RTOL = 1e-10
 F64_ATOL = 1e-12
+
+
+def subprocess_env() -> dict[str, str]:
+    """This process's environment with its ``sys.path`` as PYTHONPATH, so that a child ``python -c`` imports the
+    same trl_plw (the source tree under test, not another install)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
 
 
 def assert_exact(actual, expected, msg: str | None = None) -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import F64_ATOL, F64_RTOL
+from conftest import F64_ATOL, F64_RTOL, subprocess_env
 from conftest import make_tiny_llama as _make_tiny_llama
 
 import trl_plw.attention as attention
@@ -223,6 +225,29 @@ def make_tiny_mistral(sliding_window=3, num_heads=4, num_kv_heads=2, seed=0):
 # --------------------------------------------------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registered():
+    """The models of this module are built with ``plw_varlen`` by name: register it, as a user must."""
+    register_attention_backends()
+
+
+def test_import_registers_nothing_and_ensure_registered_only_ours():
+    """Importing the module leaves transformers' registries alone; ``ensure_registered`` registers only our names."""
+    code = (
+        "from transformers import AttentionInterface\n"
+        "from transformers.masking_utils import AttentionMaskInterface\n"
+        "before = (set(AttentionInterface._global_mapping), set(AttentionMaskInterface._global_mapping))\n"
+        "import trl_plw.attention as att\n"
+        "after = lambda: (set(AttentionInterface._global_mapping), set(AttentionMaskInterface._global_mapping))\n"
+        "assert after() == before, after()\n"
+        "assert att.ensure_registered('sdpa') == 'sdpa' and att.ensure_registered(None) is None\n"
+        "assert after() == before, after()\n"
+        "assert att.ensure_registered('plw_varlen') == 'plw_varlen'\n"
+        "assert after() == (before[0] | {'plw_varlen'}, before[1] | {'plw_varlen'}), after()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env())
 
 
 def test_backend_is_registered_and_idempotent():

@@ -5,7 +5,7 @@ in one row: ``input_ids [1, T]``, ``position_ids [1, T]`` restarting at 0 for ea
 cu_seq_lens_k`` (int32, ``[n_docs + 1]``), ``max_length_q == max_length_k`` (a Python int) and no ``attention_mask``.
 A backend must keep the documents from attending to each other. Four do:
 
-``plw_varlen`` (registered here)
+``plw_varlen`` (defined here, registered by :func:`register_attention_backends`)
     PyTorch's own variable-length flash kernel, :func:`torch.nn.attention.varlen.varlen_attn`, fed with the
     collator's ``cu_seq_lens_*`` / ``max_length_*``. No extra package; CUDA only, compute capability >= 8.0,
     fp16/bf16.
@@ -18,11 +18,12 @@ A backend must keep the documents from attending to each other. Four do:
     ``attention_mask is None`` and no cache is in use (``use_cache=False``): otherwise the documents of a row see each
     other. See :func:`packed_batch_issues`.
 
-Importing this module registers ``plw_varlen`` with transformers' ``AttentionInterface`` (the attention function) and
-``AttentionMaskInterface`` (a mask function that never builds a dense mask), so
-``AutoModelForCausalLM.from_pretrained(..., attn_implementation="plw_varlen")`` and
-``model.set_attn_implementation("plw_varlen")`` work. :func:`register_attention_backends` does the same explicitly
-and may be called any number of times.
+Nothing is registered by importing this module. :func:`register_attention_backends` registers ``plw_varlen`` with
+transformers' ``AttentionInterface`` (the attention function) and ``AttentionMaskInterface`` (a mask function that
+never builds a dense mask); call it (any number of times) before
+``AutoModelForCausalLM.from_pretrained(..., attn_implementation="plw_varlen")`` or
+``model.set_attn_implementation("plw_varlen")``. `trl_plw.PLWTrainer` and `trl_plw.models.load_model` call it
+themselves when they are given, or select, one of the backends defined here (:func:`ensure_registered`).
 """
 
 from __future__ import annotations
@@ -474,13 +475,30 @@ def varlen_attention_mask(
 
 
 def register_attention_backends() -> str:
-    """Register ``plw_varlen`` with transformers (attention + mask interfaces). Idempotent; returns the name."""
+    """Register ``plw_varlen`` with transformers (attention + mask interfaces). Idempotent; returns the name.
+
+    An explicit call rather than an import side effect, so that importing trl_plw never changes transformers' global
+    registries (a process that only wants the collator or the kernel keeps transformers as it found it)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(VARLEN_ATTENTION, plw_varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_attention_mask)
     return VARLEN_ATTENTION
+
+
+OWN_BACKENDS = (VARLEN_ATTENTION,)
+"""The attention implementations this module defines (the ones :func:`register_attention_backends` registers)."""
+
+
+def ensure_registered(attn_implementation: str | None) -> str | None:
+    """Register our backends if ``attn_implementation`` is one of them (:data:`OWN_BACKENDS`); return it unchanged.
+
+    For code that loads or trains a model with an implementation it was given or selected: a name of transformers'
+    own (or None) registers nothing."""
+    if attn_implementation in OWN_BACKENDS:
+        register_attention_backends()
+    return attn_implementation
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -665,11 +683,6 @@ def packed_batch_issues(model: torch.nn.Module, batch: Mapping[str, Any]) -> lis
     return issues
 
 
-def packed_kwargs_ok(model: torch.nn.Module, batch: Mapping[str, Any]) -> bool:
-    """``True`` when :func:`packed_batch_issues` finds nothing."""
-    return not packed_batch_issues(model, batch)
-
-
 __all__ = [
     "AUTO",
     "AttentionBackendError",
@@ -677,14 +690,15 @@ __all__ = [
     "FLASH_ATTENTION_2",
     "FLEX_ATTENTION",
     "KNOWN_BACKENDS",
+    "OWN_BACKENDS",
     "SDPA",
     "VARLEN_ATTENTION",
     "check_attn_implementation",
     "describe_attention_backends",
+    "ensure_registered",
     "flash_attn_installed",
     "flash_attention_2_status",
     "packed_batch_issues",
-    "packed_kwargs_ok",
     "plw_varlen_attention_forward",
     "register_attention_backends",
     "select_attn_implementation",
@@ -694,5 +708,3 @@ __all__ = [
     "varlen_attn_status",
     "varlen_window_size",
 ]
-
-register_attention_backends()

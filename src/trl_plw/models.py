@@ -165,9 +165,13 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, **kwa
 
 def load_model(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, **kwargs: Any):
     """Load a causal LM. Keyword arguments go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``,
-    ``attn_implementation``, ``device_map``...)."""
+    ``attn_implementation``, ``device_map``...). An ``attn_implementation`` of ours (``"plw_varlen"``) is registered
+    with transformers first (`trl_plw.attention.ensure_registered`)."""
     from transformers import AutoModelForCausalLM
 
+    from trl_plw.attention import ensure_registered
+
+    ensure_registered(kwargs.get("attn_implementation"))
     path = resolve_model_path(name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)

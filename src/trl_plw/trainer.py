@@ -38,6 +38,7 @@ from trl.data_utils import (
     pack_dataset,
 )
 
+from trl_plw.attention import ensure_registered
 from trl_plw.collator import DataCollatorForWeightedCompletionLM
 from trl_plw.metrics import SplitMetrics
 from trl_plw.roles import Role, RoleWeights, tokenize_messages, tokenize_prompt_completion
@@ -276,11 +277,14 @@ class PLWTrainer(SFTTrainer):
         self._answer_token_ids = self._resolve_answer_tokens(args.answer_tokens)
         self._split_metrics = {"train": SplitMetrics(), "eval": SplitMetrics()}
         attention = getattr(self.model.config, "_attn_implementation", None)
+        ensure_registered(attention)  # a model whose config names our backend (e.g. set after loading) can run it
         if self.padding_free and self.args.device.type == "cuda" and attention in ("sdpa", "eager"):
             logger.warning(
                 "Packed batches run with attn_implementation=%r, which builds a dense block-diagonal mask; "
                 "'plw_varlen' (torch's varlen flash kernel) or 'flash_attention_2' avoid it: load the model with "
-                "attn_implementation='plw_varlen' after `import trl_plw.attention`.",
+                "trl_plw.load_model(..., attn_implementation='plw_varlen'), or call "
+                "trl_plw.attention.register_attention_backends() before from_pretrained(..., "
+                "attn_implementation='plw_varlen').",
                 attention,
             )
         logger.info(
@@ -311,7 +315,8 @@ class PLWTrainer(SFTTrainer):
     # ------------------------------------------------------------------ validation
     @staticmethod
     def _prepare_model_name(model: str, args: PLWConfig) -> str:
-        """Resolve the offline default alias, and pick an attention backend for the device unless one is given."""
+        """Resolve the offline default alias, pick an attention backend for the device unless one is given, and
+        register it if it is one of ours."""
         from trl_plw.attention import select_attn_implementation
         from trl_plw.models import resolve_model_path
 
@@ -319,6 +324,7 @@ class PLWTrainer(SFTTrainer):
         if kwargs.get("attn_implementation") in (None, "auto"):
             packed = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
             kwargs["attn_implementation"] = select_attn_implementation(args.device, packed=packed)
+        ensure_registered(kwargs["attn_implementation"])  # TRL loads the model by this name in SFTTrainer.__init__
         args.model_init_kwargs = kwargs
         return resolve_model_path(model)
 

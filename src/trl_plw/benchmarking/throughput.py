@@ -520,6 +520,9 @@ def build_model(spec: dict[str, Any], attn_implementation: str):
         return load_model(name, dtype=torch.float32, attn_implementation=attn_implementation)
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from trl_plw.attention import ensure_registered
+
+    ensure_registered(attn_implementation)  # the random-init model is built from a config, not by load_model
     torch.manual_seed(spec["seed"])
     config = LlamaConfig(**preset["config"], pad_token_id=2, eos_token_id=2, bos_token_id=1)
     config._attn_implementation = attn_implementation
