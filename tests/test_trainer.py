@@ -475,18 +475,16 @@ def test_messages_and_pretokenized_datasets(smollm2_tokenizer, tmp_path):
     torch.testing.assert_close(batch["loss_weights"][0], torch.tensor([0.0, 0.2, 0.2, 1.0, 1.0]))
 
 
-def test_model_name_resolves_alias_and_picks_attention(monkeypatch, tmp_path, smollm2_tokenizer):
-    """A model given by name gets an attention backend chosen for the device (sdpa on CPU, also when packed)."""
-    seen = {}
+def test_model_name_passes_through_and_picks_attention(monkeypatch, tmp_path, smollm2_tokenizer):
+    """A model given by name gets an attention backend chosen for the device (sdpa on CPU, also when packed); the
+    name goes to TRL unchanged: demo aliases are resolved by the CLI/examples, not by the trainer."""
 
-    def fake_resolve(name):
-        seen["name"] = name
-        return "/resolved/path"
+    def fail_resolve(name):
+        raise AssertionError(f"the trainer resolved the model name {name!r}")
 
-    monkeypatch.setattr("trl_plw.models.resolve_model_path", fake_resolve)
+    monkeypatch.setattr("trl_plw.models.resolve_model_path", fail_resolve)
     args = PLWConfig(**common_args(output_dir=str(tmp_path)), packing=True, max_length=64)
-    assert PLWTrainer._prepare_model_name("smollm2-135m", args) == "/resolved/path"
-    assert seen["name"] == "smollm2-135m"
+    assert PLWTrainer._prepare_model_name("smollm2-135m", args) == "smollm2-135m"
     assert args.model_init_kwargs["attn_implementation"] == "sdpa"
     args = PLWConfig(**common_args(output_dir=str(tmp_path)), model_init_kwargs={"attn_implementation": "eager"})
     PLWTrainer._prepare_model_name("x", args)

@@ -315,10 +315,11 @@ class PLWTrainer(SFTTrainer):
     # ------------------------------------------------------------------ validation
     @staticmethod
     def _prepare_model_name(model: str, args: PLWConfig) -> str:
-        """Resolve the offline default alias, pick an attention backend for the device unless one is given, and
-        register it if it is one of ours."""
+        """Pick an attention backend for the device unless one is given, and register it if it is one of ours.
+
+        The name itself is passed to TRL unchanged (a Hub id or a local folder): demo aliases such as the offline
+        default model are resolved by the commands that offer them (`trl_plw.models.resolve_model_path`)."""
         from trl_plw.attention import select_attn_implementation
-        from trl_plw.models import resolve_model_path
 
         kwargs = dict(args.model_init_kwargs or {})
         if kwargs.get("attn_implementation") in (None, "auto"):
@@ -326,7 +327,7 @@ class PLWTrainer(SFTTrainer):
             kwargs["attn_implementation"] = select_attn_implementation(args.device, packed=packed)
         ensure_registered(kwargs["attn_implementation"])  # TRL loads the model by this name in SFTTrainer.__init__
         args.model_init_kwargs = kwargs
-        return resolve_model_path(model)
+        return model
 
     @staticmethod
     def _check_supported(args, data_collator, compute_loss_func, compute_metrics, preprocess_logits_for_metrics):
