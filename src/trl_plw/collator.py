@@ -21,12 +21,18 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.data.data_collator import DataCollatorMixin
 
-from trl_plw.roles import Role, RoleWeights, TemplateMatcher, check_weight
+from trl_plw.roles import (
+    PER_TOKEN_COLUMNS,
+    ROLE_SOURCE_COLUMNS,
+    WEIGHT_SOURCE_COLUMNS,
+    Role,
+    RoleWeights,
+    TemplateMatcher,
+    check_weight,
+    first_source,
+)
 
-__all__ = ["DataCollatorForWeightedCompletionLM", "PER_TOKEN_SOURCES"]
-
-PER_TOKEN_SOURCES = ("loss_weights", "token_roles", "completion_mask", "assistant_masks")
-"""Per-token columns the collator reads weights/roles from, in order of preference (then templates)."""
+__all__ = ["DataCollatorForWeightedCompletionLM"]
 
 _IGNORE = int(Role.IGNORE)
 _COMPLETION = int(Role.COMPLETION)
@@ -43,7 +49,6 @@ def _tensor(value: Any, dtype: torch.dtype, name: str, index: int) -> torch.Tens
     return tensor
 
 
-_ALIGNED_COLUMNS = (*PER_TOKEN_SOURCES, "labels")
 _ALIGNMENT_HINT = (
     "Per-token columns must stay aligned with input_ids: truncate and pack them together with input_ids (select them "
     "all before `pack_dataset`, truncate them with the same slice)."
@@ -103,7 +108,7 @@ def _drop_padding(example: Mapping[str, Any], index: int, example_weight_column:
     keep = mask != 0
     cleaned = dict(example)
     cleaned.pop("attention_mask")
-    for name in ("input_ids", *_ALIGNED_COLUMNS, example_weight_column):
+    for name in (*PER_TOKEN_COLUMNS, example_weight_column):
         value = example.get(name)
         if _sequence_length(value) == n:
             cleaned[name] = torch.as_tensor(value)[keep]
@@ -132,7 +137,8 @@ def _check_values(tensor: torch.Tensor, name: str, index: int, allow_negative: b
 class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
     """Collates tokenized examples into batches with real-valued per-token loss weights.
 
-    Per token, the weight comes from the first source an example has, in this order:
+    Per token, the weight comes from the first source an example has, in this order (the precedence of
+    `trl_plw.roles.WEIGHT_SOURCE_COLUMNS`, which PLWTrainer's dataset preparation follows too):
 
     1. ``loss_weights``: explicit per-token weights, used as given;
     2. ``token_roles``: role codes (`trl_plw.roles.Role`, built by `trl_plw.roles.tokenize_prompt_completion` /
@@ -349,11 +355,12 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
         if key == self._weights_key:
             return self._table
         allow = self.allow_negative_weights
-        prompt = check_weight("prompt_loss_weight", self.prompt_loss_weight, allow)
-        completion = check_weight("completion_loss_weight", self.completion_loss_weight, allow)
+        opt_in = "allow_negative_weights=True on the collator"
+        prompt = check_weight("prompt_loss_weight", self.prompt_loss_weight, allow, opt_in=opt_in)
+        completion = check_weight("completion_loss_weight", self.completion_loss_weight, allow, opt_in=opt_in)
         mapping = dict(self.role_weights or {})
         for name, value in mapping.items():
-            check_weight(f"role_weights[{name!r}]", value, allow, allow_none=True)
+            check_weight(f"role_weights[{name!r}]", value, allow, allow_none=True, opt_in=opt_in)
         for keys, field_name, value, default in (
             (("prompt",), "prompt_loss_weight", prompt, 0.0),
             (("completion", "assistant"), "completion_loss_weight", completion, 1.0),
@@ -380,66 +387,50 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
 
     # ------------------------------------------------------------------------------------------------ per example
     def _template_roles(self, index: int, ids: torch.Tensor, doc_lengths: list[int]) -> torch.Tensor:
-        ids_np = ids.numpy()
-        parts, offset = [], 0
-        for length in doc_lengths:
-            doc = ids_np[offset : offset + length]
-            roles, found = self._matcher.roles(doc)
-            if not found:
-                where = f"example {index}" + (
-                    f", packed document starting at token {offset}" if len(doc_lengths) > 1 else ""
+        """Roles from the templates, per document; documents without the response template are counted and warned
+        about (at the 1st, 2nd, 4th, ... occurrence) when ``on_missing_template="ignore"``."""
+        roles, missing = self._matcher.document_roles(
+            ids.numpy(), doc_lengths, where=f"example {index}", on_missing=self.on_missing_template
+        )
+        for where in missing:
+            self.num_missing_template += 1
+            count = self.num_missing_template
+            if count & (count - 1) == 0:
+                warnings.warn(
+                    f"response_template={self.response_template!r} not found in {where}; it gets weight 0 "
+                    f"(on_missing_template='ignore'). {count} sequence(s) without the template so far in this "
+                    "process.",
+                    UserWarning,
+                    stacklevel=4,
                 )
-                text = self.tokenizer.decode(doc[:80].tolist()) if self.tokenizer is not None else doc[:40].tolist()
-                if self.on_missing_template == "raise":
-                    raise ValueError(
-                        f"response_template={self.response_template!r} was not found in {where} (starts with "
-                        f"{text!r}); looked for the token sequences {list(self._matcher.response_variants)}. Fix "
-                        "the template, drop such examples, set on_missing_template='ignore' to give them weight 0, or "
-                        "build `token_roles` at dataset preparation (trl_plw.roles / PLWTrainer)."
-                    )
-                self.num_missing_template += 1
-                count = self.num_missing_template
-                if count & (count - 1) == 0:
-                    warnings.warn(
-                        f"response_template={self.response_template!r} not found in {where}; it gets weight 0 "
-                        f"(on_missing_template='ignore'). {count} sequence(s) without the template so far in this "
-                        "process.",
-                        UserWarning,
-                        stacklevel=4,
-                    )
-                roles = np.full(length, _IGNORE, dtype=np.int8)
-            parts.append(torch.from_numpy(roles.astype(np.int64, copy=False)))
-            offset += length
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return torch.from_numpy(roles.astype(np.int64, copy=False))
 
     def _example_roles(
         self, index: int, example: Mapping[str, Any], ids: torch.Tensor, doc_lengths: list[int], need: bool
     ) -> torch.Tensor | None:
         """Role codes (int64) of one example from its first role source; None if it has none and ``need`` is False."""
         n = ids.numel()
-        roles = example.get("token_roles")
-        if roles is not None:
-            roles = _tensor(roles, torch.int64, "token_roles", index)
-            _check_length(roles, n, "token_roles", index)
+        source = first_source(example, ROLE_SOURCE_COLUMNS)
+        if source == "token_roles":
+            roles = _tensor(example[source], torch.int64, source, index)
+            _check_length(roles, n, source, index)
             if n and (roles.min() < _IGNORE or roles.max() > _MAX_ROLE):
                 raise ValueError(
                     f"Example {index}: `token_roles` has codes outside [{_IGNORE}, {_MAX_ROLE}] (min "
                     f"{roles.min().item()}, max {roles.max().item()}); build them with trl_plw.roles (Role codes)."
                 )
             return roles
-        for name in ("completion_mask", "assistant_masks"):
-            mask = example.get(name)
-            if mask is not None:
-                mask = _tensor(mask, torch.int64, name, index)
-                _check_length(mask, n, name, index)
-                return (mask != 0).to(torch.int64)  # Role.COMPLETION == 1, Role.PROMPT == 0
+        if source is not None:  # TRL's 0/1 completion_mask / assistant_masks
+            mask = _tensor(example[source], torch.int64, source, index)
+            _check_length(mask, n, source, index)
+            return (mask != 0).to(torch.int64)  # Role.COMPLETION == 1, Role.PROMPT == 0
         if self._matcher is not None:
             return self._template_roles(index, ids, doc_lengths)
         if not need:
             return None
         raise ValueError(
             f"Example {index} has no per-token weight source: the collator looked for the columns "
-            f"{list(PER_TOKEN_SOURCES)} and found none of them among {sorted(example)}, and no response_template is "
+            f"{list(WEIGHT_SOURCE_COLUMNS)} and found none of them among {sorted(example)}, and no response_template is "
             "set. Fix: pass response_template= (and instruction_template= for multi-turn text) to the collator, or "
             "prepare the dataset with trl_plw.PLWTrainer / trl_plw.roles.tokenize_prompt_completion / "
             "tokenize_messages, which add `token_roles`. A `labels` column alone only marks ignored (-100) tokens."
@@ -482,7 +473,7 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
                 raise ValueError(
                     f"Example {i} is empty (len(input_ids) == 0). Filter empty examples out of the dataset."
                 )
-            for name in _ALIGNED_COLUMNS:  # every per-token column, used or not, must stay aligned
+            for name in PER_TOKEN_COLUMNS:  # every per-token column, used or not, must stay aligned
                 value = example.get(name)
                 length = _sequence_length(value)
                 if length is not None and length != n:

@@ -53,6 +53,11 @@ __all__ = [
     "tokenize_messages",
     "message_role_code",
     "check_weight",
+    "ROLE_SOURCE_COLUMNS",
+    "WEIGHT_SOURCE_COLUMNS",
+    "PER_TOKEN_COLUMNS",
+    "first_source",
+    "has_completion",
 ]
 
 
@@ -108,9 +113,44 @@ def message_role_code(role: str) -> Role:
     return _MESSAGE_ROLES.get(str(role).lower(), Role.PROMPT)
 
 
+# ------------------------------------------------------------------------------------------------ per-token columns
+ROLE_SOURCE_COLUMNS = ("token_roles", "completion_mask", "assistant_masks")
+"""Per-token columns that say what each token is, in order of precedence: role codes, then TRL's 0/1 masks."""
+
+WEIGHT_SOURCE_COLUMNS = ("loss_weights", *ROLE_SOURCE_COLUMNS)
+"""Per-token columns an example's weights come from, in order of precedence: explicit weights first, then
+`ROLE_SOURCE_COLUMNS` (response/instruction templates are the fallback when an example has none of them)."""
+
+PER_TOKEN_COLUMNS = ("input_ids", "labels", *WEIGHT_SOURCE_COLUMNS)
+"""Every column with one value per token: truncated and packed together with ``input_ids``, kept aligned."""
+
+
+def first_source(example: Mapping[str, Any], columns: Sequence[str] = WEIGHT_SOURCE_COLUMNS) -> str | None:
+    """The first of ``columns`` that ``example`` has (a value other than None), or None: the one precedence rule
+    that the collator (weights) and PLWTrainer (dataset checks, completion filter) both follow."""
+    return next((name for name in columns if example.get(name) is not None), None)
+
+
+def has_completion(example: Mapping[str, Any]) -> bool:
+    """Whether an example trains on anything, judged by its first weight source: a non-zero weight, a
+    ``COMPLETION`` role or a 1 in a completion mask. True when it has no source (templates decide later)."""
+    source = first_source(example)
+    if source is None:
+        return True
+    values = example[source]
+    if source == "loss_weights":
+        return any(w != 0 for w in values)
+    return (int(Role.COMPLETION) if source == "token_roles" else 1) in values
+
+
 # ----------------------------------------------------------------------------------------------------------- weights
-def check_weight(name: str, value: Any, allow_negative: bool = False, allow_none: bool = False) -> float | None:
-    """Validate one loss weight (a finite number; negative only if allowed); ``name`` is used in the error."""
+def check_weight(
+    name: str, value: Any, allow_negative: bool = False, allow_none: bool = False, opt_in: str | None = None
+) -> float | None:
+    """Validate one loss weight (a finite number; negative only if allowed); ``name`` is used in the error.
+
+    ``opt_in`` is how the caller accepts negative weights (e.g. ``"allow_negative_weights=True"``), named in the
+    error; None for callers that never accept them, whose error then names no switch."""
     if value is None:
         if allow_none:
             return None
@@ -121,10 +161,10 @@ def check_weight(name: str, value: Any, allow_negative: bool = False, allow_none
     if not math.isfinite(value):
         raise ValueError(f"{name}={value} is not finite: loss weights must be finite numbers.")
     if value < 0 and not allow_negative:
+        how = f"if that is intended, set {opt_in}" if opt_in else "they are not accepted here"
         raise ValueError(
             f"{name}={value} is negative. Negative weights push the model away from those tokens "
-            "(unlikelihood-style); if that is intended, opt in (allow_negative_weights=True on the collator / PLWConfig, "
-            "allow_negative=True on RoleWeights)."
+            f"(unlikelihood-style); {how}."
         )
     return value
 
@@ -161,7 +201,11 @@ class RoleWeights:
     def __post_init__(self) -> None:
         for name in _ROLE_FIELDS:
             value = check_weight(
-                f"RoleWeights.{name}", getattr(self, name), self.allow_negative, name not in ("prompt", "completion")
+                f"RoleWeights.{name}",
+                getattr(self, name),
+                self.allow_negative,
+                name not in ("prompt", "completion"),
+                opt_in="allow_negative=True",
             )
             setattr(self, name, value)
 
@@ -482,6 +526,7 @@ class TemplateMatcher:
     ) -> None:
         if response_template is None:
             raise ValueError("TemplateMatcher needs a response_template.")
+        self.tokenizer = tokenizer
         self.response_template = response_template
         self.instruction_template = instruction_template
         self.response_variants = template_variants(tokenizer, response_template)
@@ -516,6 +561,46 @@ class TemplateMatcher:
         return _template_roles(ids, self.response_variants, self.instruction_variants)
 
     __call__ = roles
+
+    def document_roles(
+        self,
+        input_ids: Any,
+        doc_lengths: Sequence[int] | None = None,
+        *,
+        where: str = "an example",
+        on_missing: str = "raise",
+    ) -> tuple[np.ndarray, list[str]]:
+        """Role codes (int8) of every document of ``input_ids`` (one per ``doc_lengths`` entry, default: one
+        document), matched separately so a packed row's documents do not see each other's templates.
+
+        A document without the response template raises (``on_missing="raise"``) or gets ``IGNORE`` roles
+        (``"ignore"``), so it is neither trained nor scored: never its prompt instead. Returns the roles and a
+        description of each document without the template (``where``, plus its offset in a packed row), for the
+        caller's count and warning. The collator and PLWTrainer's dataset preparation both decide here."""
+        ids = _as_numpy_1d(input_ids, "input_ids").astype(np.int64, copy=False)
+        lengths = [ids.shape[0]] if doc_lengths is None else list(doc_lengths)
+        parts, missing, offset = [], [], 0
+        for length in lengths:
+            doc = ids[offset : offset + length]
+            roles, found = self.roles(doc)
+            if not found:
+                doc_where = where + (f", packed document starting at token {offset}" if len(lengths) > 1 else "")
+                if on_missing == "raise":
+                    raise self._missing_error(doc, doc_where)
+                missing.append(doc_where)
+                roles = np.full(length, Role.IGNORE, dtype=np.int8)
+            parts.append(roles)
+            offset += length
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts)), missing
+
+    def _missing_error(self, doc: np.ndarray, where: str) -> ValueError:
+        text = self.tokenizer.decode(doc[:80].tolist()) if self.tokenizer is not None else doc[:40].tolist()
+        return ValueError(
+            f"response_template={self.response_template!r} was not found in {where} (starts with {text!r}); looked "
+            f"for the token sequences {list(self.response_variants)}. Fix the template, drop such examples, set "
+            "on_missing_template='ignore' on the DataCollatorForWeightedCompletionLM to give them weight 0 (PLWTrainer "
+            "then drops them), or build `token_roles` at dataset preparation (trl_plw.roles)."
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ tokenization

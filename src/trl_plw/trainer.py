@@ -41,17 +41,20 @@ from trl.data_utils import (
 from trl_plw.attention import ensure_registered
 from trl_plw.collator import DataCollatorForWeightedCompletionLM
 from trl_plw.metrics import SplitMetrics
-from trl_plw.roles import Role, RoleWeights, tokenize_messages, tokenize_prompt_completion
+from trl_plw.roles import (
+    PER_TOKEN_COLUMNS,
+    WEIGHT_SOURCE_COLUMNS,
+    Role,
+    RoleWeights,
+    check_weight,
+    has_completion,
+    tokenize_messages,
+    tokenize_prompt_completion,
+)
 from trl_plw.schedules import SCHEDULE_KINDS, prompt_weight_at
 from trl_plw.weighted_head import add_weighted_lm_head
 
 logger = logging.getLogger(__name__)
-
-# Columns that hold one value per token and must be truncated and packed together with `input_ids`.
-PER_TOKEN_COLUMNS = ("input_ids", "labels", "token_roles", "completion_mask", "assistant_masks", "loss_weights")
-# Columns that define which tokens are prompt and which are completion, in the order the collator prefers them.
-SPLIT_COLUMNS = ("loss_weights", "token_roles", "completion_mask", "assistant_masks")
-
 
 @dataclass
 class PLWConfig(SFTConfig):
@@ -153,9 +156,7 @@ class PLWConfig(SFTConfig):
                 "(the weight reached at the last step)."
             )
         for name in ("prompt_loss_weight", "completion_loss_weight", "prompt_loss_weight_end"):
-            value = getattr(self, name)
-            if value is not None and not (value == value and abs(value) != float("inf") and value >= 0):
-                raise ValueError(f"{name}={value!r} must be a finite number >= 0.")
+            check_weight(name, getattr(self, name), allow_none=name == "prompt_loss_weight_end")
 
     def _choose_bf16(self) -> None:
         """Resolve ``bf16=None`` by what the hardware does natively, instead of SFTConfig's bf16-wherever-possible.
@@ -414,7 +415,7 @@ class PLWTrainer(SFTTrainer):
                 **map_kwargs,
             )
         columns = get_dataset_column_names(dataset)
-        if not any(c in columns for c in SPLIT_COLUMNS):
+        if not any(c in columns for c in WEIGHT_SOURCE_COLUMNS):
             if self._template_matcher is not None:
                 dataset = self._apply_templates(dataset, dataset_name, map_kwargs)
             elif args.completion_only_loss is False:  # TRL's full-sequence loss on language-modeling data
@@ -425,7 +426,7 @@ class PLWTrainer(SFTTrainer):
                 raise ValueError(
                     f"The {dataset_name} dataset has no prompt/completion split: PLWTrainer looked for the columns "
                     "'prompt'+'completion' (prompt-completion data), 'messages' (chat data), or per-token "
-                    f"{', '.join(repr(c) for c in SPLIT_COLUMNS)} in {columns}. Provide one of them, or set "
+                    f"{', '.join(repr(c) for c in WEIGHT_SOURCE_COLUMNS)} in {columns}. Provide one of them, or set "
                     "`response_template` (and `instruction_template` for multi-turn text) in PLWConfig or on the "
                     "data_collator, or completion_only_loss=False to train on every token."
                 )
@@ -461,7 +462,7 @@ class PLWTrainer(SFTTrainer):
             dataset = dataset.map(truncate, **map_kwargs)
 
         # An example whose completion was cut away (or that never had one) would train on its prompt alone.
-        dataset = dataset.filter(_has_completion, **map_kwargs)
+        dataset = dataset.filter(has_completion, **map_kwargs)
 
         if packing:
             if args.max_length is None:
@@ -518,17 +519,10 @@ class PLWTrainer(SFTTrainer):
         return dataset.remove_columns("_template_found")
 
     def _roles_from_templates(self, example: dict[str, Any]) -> dict[str, Any]:
-        input_ids = example["input_ids"]
-        roles, found = self._template_matcher.roles(input_ids)
-        if not found:
-            if self._on_missing_template == "raise":
-                raise ValueError(
-                    f"response_template={self._plw_args.response_template!r} was not found in an example "
-                    f"({self._tokenizer.decode(input_ids[:60])!r}...). Fix the template, drop such examples, or "
-                    "build the data_collator with on_missing_template='ignore' to drop them."
-                )
-            roles = [int(Role.IGNORE)] * len(input_ids)
-        return {"token_roles": [int(r) for r in roles], "_template_found": bool(found)}
+        roles, missing = self._template_matcher.document_roles(
+            example["input_ids"], on_missing=self._on_missing_template
+        )
+        return {"token_roles": roles.tolist(), "_template_found": not missing}
 
     @property
     def _template_matcher(self):
@@ -700,18 +694,6 @@ def _adapters_on_lm_head_allowed():
         yield
     finally:
         sft_trainer.BaseTunerLayer = original
-
-
-def _has_completion(example: dict[str, Any]) -> bool:
-    if "loss_weights" in example:
-        return any(w != 0 for w in example["loss_weights"])
-    if "token_roles" in example:
-        return int(Role.COMPLETION) in example["token_roles"]
-    if "completion_mask" in example:
-        return 1 in example["completion_mask"]
-    if "assistant_masks" in example:
-        return 1 in example["assistant_masks"]
-    return True
 
 
 # Settings both PLWConfig and DataCollatorForWeightedCompletionLM have, with the same meaning.
