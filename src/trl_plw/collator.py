@@ -14,7 +14,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -319,8 +319,7 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
                     )
             self._matcher = TemplateMatcher(self.tokenizer, self.response_template, self.instruction_template)
         self.num_missing_template = 0
-        self._weights_key = None
-        self._resolve_role_weights()
+        self._resolve_role_weights()  # invalid weights raise at construction, not at the first batch
 
     def _accept_old_positional_arguments(self) -> None:
         """``DataCollatorForCompletionOnlyLM(response_template, tokenizer=tokenizer)`` took the response template as
@@ -344,16 +343,15 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
         return self._matcher
 
     # ------------------------------------------------------------------------------------------------ role weights
-    def _resolve_role_weights(self) -> torch.Tensor:
-        """The role -> weight table, rebuilt if a weight field was changed after construction."""
-        key = (
-            self.prompt_loss_weight,
-            self.completion_loss_weight,
-            tuple(sorted((self.role_weights or {}).items())),
-            self.allow_negative_weights,
-        )
-        if key == self._weights_key:
-            return self._table
+    @property
+    def resolved_role_weights(self) -> RoleWeights:
+        """The `RoleWeights` in force (``prompt_loss_weight``/``completion_loss_weight`` merged with ``role_weights``)."""
+        return self._resolve_role_weights()
+
+    def _resolve_role_weights(self) -> RoleWeights:
+        """Validate the weight fields and merge them. Done on every batch, not cached: PLWTrainer (and users) set
+        ``prompt_loss_weight`` after construction, and the ~7-entry table costs microseconds against the
+        milliseconds of a collation."""
         allow = self.allow_negative_weights
         opt_in = "allow_negative_weights=True on the collator"
         prompt = check_weight("prompt_loss_weight", self.prompt_loss_weight, allow, opt_in=opt_in)
@@ -371,19 +369,9 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
                         f"role_weights[{k!r}]={mapping[k]} conflicts with {field_name}={value}; set the weight in one "
                         "place only."
                     )
-        weights = RoleWeights.from_mapping(
+        return RoleWeights.from_mapping(
             mapping, allow_negative=allow, name="role_weights", prompt=prompt, completion=completion
         )
-        self._role_weights_resolved = weights
-        self._table = weights.table()
-        self._weights_key = key
-        return self._table
-
-    @property
-    def resolved_role_weights(self) -> RoleWeights:
-        """The `RoleWeights` in force (``prompt_loss_weight``/``completion_loss_weight`` merged with ``role_weights``)."""
-        self._resolve_role_weights()
-        return self._role_weights_resolved
 
     # ------------------------------------------------------------------------------------------------ per example
     def _template_roles(self, index: int, ids: torch.Tensor, doc_lengths: list[int]) -> torch.Tensor:
@@ -401,7 +389,7 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
                     f"(on_missing_template='ignore'). {count} sequence(s) without the template so far in this "
                     "process.",
                     UserWarning,
-                    stacklevel=4,
+                    stacklevel=6,
                 )
         return torch.from_numpy(roles.astype(np.int64, copy=False))
 
@@ -456,118 +444,96 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
     def torch_call(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if len(examples) == 0:
             raise ValueError("DataCollatorForWeightedCompletionLM got an empty list of examples.")
-        table = self._resolve_role_weights()
-        allow_negative = self.allow_negative_weights
-        ids_list, roles_list, lengths, doc_lengths = [], [], [], []
-        explicit: dict[int, torch.Tensor] = {}
-        per_token_scale: dict[int, torch.Tensor] = {}
-        scales = []
-        packed = False
-        for i, example in enumerate(examples):
-            example = _drop_padding(_as_example(example, i), i, self.example_weight_column)
-            if "input_ids" not in example:
-                raise ValueError(f"Example {i} has no `input_ids` (keys: {sorted(example)}).")
-            ids = _tensor(example["input_ids"], torch.int64, "input_ids", i)
-            n = ids.numel()
-            if n == 0:
-                raise ValueError(
-                    f"Example {i} is empty (len(input_ids) == 0). Filter empty examples out of the dataset."
-                )
-            for name in PER_TOKEN_COLUMNS:  # every per-token column, used or not, must stay aligned
-                value = example.get(name)
-                length = _sequence_length(value)
-                if length is not None and length != n:
-                    raise ValueError(
-                        f"Example {i}: `{name}` has {length} entries but `input_ids` has {n}. " + _ALIGNMENT_HINT
-                    )
-            docs, is_packed = self._doc_lengths(i, example, n)
-            packed |= is_packed
+        parsed = [self._read_example(i, example) for i, example in enumerate(examples)]
+        flat = self._flat_outputs(parsed)
+        if self.padding_free:
+            return self._padding_free_layout(flat)
+        return self._padded_layout(flat, [p.ids.numel() for p in parsed], packed=any(p.packed for p in parsed))
 
-            weights = example.get("loss_weights")
-            if weights is not None:
-                weights = _tensor(weights, torch.float32, "loss_weights", i)
-                _check_length(weights, n, "loss_weights", i)
-                _check_values(weights, "loss_weights", i, allow_negative)
-                explicit[i] = weights
-                roles = self._example_roles(i, example, ids, docs, need=False)
-                if roles is None:  # no role information: what carries weight counts as completion
-                    roles = (weights != 0).to(torch.int64)
-            else:
-                roles = self._example_roles(i, example, ids, docs, need=True)
+    def _read_example(self, i: int, example: Any) -> _Example:
+        """Read and validate one example: token ids, roles, document lengths and its weight sources."""
+        example = _drop_padding(_as_example(example, i), i, self.example_weight_column)
+        if "input_ids" not in example:
+            raise ValueError(f"Example {i} has no `input_ids` (keys: {sorted(example)}).")
+        ids = _tensor(example["input_ids"], torch.int64, "input_ids", i)
+        n = ids.numel()
+        if n == 0:
+            raise ValueError(f"Example {i} is empty (len(input_ids) == 0). Filter empty examples out of the dataset.")
+        for name in PER_TOKEN_COLUMNS:  # every per-token column, used or not, must stay aligned
+            length = _sequence_length(example.get(name))
+            if length is not None and length != n:
+                raise ValueError(f"Example {i}: `{name}` has {length} entries but `input_ids` has {n}. " + _ALIGNMENT_HINT)
+        docs, packed = self._doc_lengths(i, example, n)
 
-            labels = example.get("labels")
-            if labels is not None:
-                labels = _tensor(labels, torch.int64, "labels", i)
-                _check_length(labels, n, "labels", i)
-                ignored = labels == -100
-                if ignored.any():
-                    roles = roles.masked_fill(ignored, _IGNORE)
+        weights = example.get("loss_weights")
+        if weights is not None:
+            weights = _tensor(weights, torch.float32, "loss_weights", i)
+            _check_length(weights, n, "loss_weights", i)
+            _check_values(weights, "loss_weights", i, self.allow_negative_weights)
+            roles = self._example_roles(i, example, ids, docs, need=False)
+            if roles is None:  # no role information: what carries weight counts as completion
+                roles = (weights != 0).to(torch.int64)
+        else:
+            roles = self._example_roles(i, example, ids, docs, need=True)
 
-            scale = example.get(self.example_weight_column)
-            if scale is None:
-                scales.append(1.0)
-            elif _sequence_length(scale) is not None:
-                scale = _tensor(scale, torch.float32, self.example_weight_column, i)
-                _check_length(scale, n, self.example_weight_column, i)
-                _check_values(scale, self.example_weight_column, i, allow_negative)
-                per_token_scale[i] = scale
-                scales.append(1.0)
-            else:
-                try:
-                    value = float(scale)
-                except (TypeError, ValueError) as exc:
-                    raise ValueError(
-                        f"Example {i}: `{self.example_weight_column}` must be a number or a per-token list, got "
-                        f"{scale!r}."
-                    ) from exc
-                if not math.isfinite(value):
-                    raise ValueError(f"Example {i}: `{self.example_weight_column}`={value} is not finite.")
-                if value < 0 and not allow_negative:
-                    raise ValueError(
-                        f"Example {i}: `{self.example_weight_column}`={value} is negative; set "
-                        "allow_negative_weights=True if that is intended."
-                    )
-                scales.append(value)
+        labels = example.get("labels")
+        if labels is not None:
+            labels = _tensor(labels, torch.int64, "labels", i)
+            _check_length(labels, n, "labels", i)
+            ignored = labels == -100
+            if ignored.any():
+                roles = roles.masked_fill(ignored, _IGNORE)
+        token_scale, scale = self._example_scale(i, example.get(self.example_weight_column), n)
+        return _Example(ids, roles, docs, packed, weights, token_scale, scale)
 
-            ids_list.append(ids)
-            roles_list.append(roles)
-            lengths.append(n)
-            doc_lengths.extend(docs)
+    def _example_scale(self, i: int, scale: Any, n: int) -> tuple[torch.Tensor | None, float]:
+        """The example weight as (per-token multiplier or None, scalar multiplier)."""
+        name = self.example_weight_column
+        if scale is None:
+            return None, 1.0
+        if _sequence_length(scale) is not None:
+            token_scale = _tensor(scale, torch.float32, name, i)
+            _check_length(token_scale, n, name, i)
+            _check_values(token_scale, name, i, self.allow_negative_weights)
+            return token_scale, 1.0
+        try:
+            value = float(scale)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"Example {i}: `{name}` must be a number or a per-token list, got {scale!r}.") from exc
+        if not math.isfinite(value):
+            raise ValueError(f"Example {i}: `{name}`={value} is not finite.")
+        if value < 0 and not self.allow_negative_weights:
+            raise ValueError(
+                f"Example {i}: `{name}`={value} is negative; set allow_negative_weights=True if that is intended."
+            )
+        return None, value
 
-        # ---- flat, vectorized weights. Only ops that stay fast on a busy CPU are used: index_select / masked_scatter_
-        # / cumsum rather than advanced indexing, boolean-mask assignment or repeat_interleave, which go through
-        # parallel kernels that stall for milliseconds when the cores are shared (e.g. with dataloader workers).
-        offsets = [0, *itertools.accumulate(lengths)]
-        total = offsets[-1]
-        input_ids = torch.cat(ids_list)
-        roles = torch.cat(roles_list)
+    def _flat_outputs(self, parsed: list[_Example]) -> _Flat:
+        """Weights, labels and masks of the concatenated examples (before any padding).
+
+        Only ops that stay fast on a busy CPU are used: index_select / masked_scatter_ / cumsum rather than advanced
+        indexing, boolean-mask assignment or repeat_interleave, which go through parallel kernels that stall for
+        milliseconds when the cores are shared (e.g. with dataloader workers)."""
+        table = self._resolve_role_weights().table()
+        offsets = [0, *itertools.accumulate(p.ids.numel() for p in parsed)]
+        input_ids = torch.cat([p.ids for p in parsed])
+        roles = torch.cat([p.roles for p in parsed])
         ignored = roles == _IGNORE
         # IGNORE (-1) reads the table's trailing 0 (index_select takes no negative indices).
         weights = table.index_select(0, roles.masked_fill(ignored, table.numel() - 1))
-        for i, w in explicit.items():
-            weights[offsets[i] : offsets[i + 1]] = w
-        for i, s in per_token_scale.items():
-            weights[offsets[i] : offsets[i + 1]] *= s
-        for i, s in enumerate(scales):
-            if s != 1.0:
-                weights[offsets[i] : offsets[i + 1]] *= s
+        for p, start, end in zip(parsed, offsets[:-1], offsets[1:], strict=True):
+            if p.weights is not None:
+                weights[start:end] = p.weights
+            if p.token_scale is not None:
+                weights[start:end] *= p.token_scale
+            if p.scale != 1.0:
+                weights[start:end] *= p.scale
 
-        # Position within each sequence (document, for packed rows): +1 per token, reset to 0 at every start.
-        doc_starts = list(itertools.accumulate(doc_lengths[:-1]))
-        steps = torch.ones(total, dtype=torch.int64)
-        steps[0] = 0
-        if doc_starts:
-            steps[torch.tensor(doc_starts)] = 1 - torch.tensor(doc_lengths[:-1])
-        positions = steps.cumsum(0)
-        starts = positions == 0
-        dropped = ignored | starts
+        positions = _positions_in_documents([d for p in parsed for d in p.docs], offsets[-1])
+        dropped = ignored | (positions == 0)  # a sequence's first token has no prediction inside it
         weights = weights.masked_fill(dropped, 0.0)
         if not torch.isfinite(weights).all():  # e.g. a huge example weight times a huge role weight
             raise ValueError("The combined loss_weights overflowed to a non-finite value; use smaller weights.")
-        completion = (roles == _COMPLETION) & ~dropped
-        prompt = (roles != _COMPLETION) & ~dropped
-        labels = input_ids.masked_fill(weights == 0, -100)
-
         if self.loss_weights_consumer is None and ((weights != 0) & (weights != 1)).any():
             raise ValueError(
                 "This batch has loss weights other than 0 and 1, but the collator's loss_weights_consumer is None. "
@@ -576,47 +542,82 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
                 "loss_weights_consumer='PLWTrainer'); a custom loop or SFTTrainer subclass that applies "
                 "`loss_weights` itself should set loss_weights_consumer to any name."
             )
-
-        flat = {
+        values = {
             "input_ids": (input_ids, self.pad_token_id),
-            "labels": (labels, -100),
+            "labels": (input_ids.masked_fill(weights == 0, -100), -100),
             "loss_weights": (weights, 0.0),
-            "completion_mask": (completion, False),
-            "prompt_mask": (prompt, False),
+            "completion_mask": ((roles == _COMPLETION) & ~dropped, False),
+            "prompt_mask": ((roles != _COMPLETION) & ~dropped, False),
         }
-        multiple = self.pad_to_multiple_of
-        if self.padding_free:
-            width = total if multiple is None else -(-total // multiple) * multiple
-            output = {}
-            for key, (values, pad_value) in flat.items():
-                row = torch.full((1, width), pad_value, dtype=values.dtype)
-                row[0, :total] = values
-                output[key] = row
-            position_ids = torch.zeros((1, width), dtype=torch.int64)
-            position_ids[0, :total] = positions
-            output["position_ids"] = position_ids
-            # Every token at position 0 starts a sequence (each pad forms its own one-token sequence, as in TRL).
-            is_start = position_ids[0] == 0
-            seq_starts = torch.nonzero(is_start).flatten()
-            cu_seq_lens = torch.cat([seq_starts, torch.tensor([width])]).to(torch.int32)
-            output["cu_seq_lens_q"] = output["cu_seq_lens_k"] = cu_seq_lens
-            output["max_length_q"] = output["max_length_k"] = int(cu_seq_lens.diff().max())
-            output["seq_idx"] = (is_start.cumsum(0, dtype=torch.int32) - 1)[None]
-            return output
+        return _Flat(values, positions)
 
-        batch_size = len(examples)
-        width = max(lengths)
-        if multiple is not None:
-            width = -(-width // multiple) * multiple
+    def _width(self, length: int) -> int:
+        multiple = self.pad_to_multiple_of
+        return length if multiple is None else -(-length // multiple) * multiple
+
+    def _padding_free_layout(self, flat: _Flat) -> dict[str, Any]:
+        """One flattened row, position ids restarting per sequence and varlen boundaries, no attention mask."""
+        total = flat.positions.numel()
+        width = self._width(total)
+        output = {}
+        for key, (values, pad_value) in flat.values.items():
+            row = torch.full((1, width), pad_value, dtype=values.dtype)
+            row[0, :total] = values
+            output[key] = row
+        position_ids = torch.zeros((1, width), dtype=torch.int64)
+        position_ids[0, :total] = flat.positions
+        output["position_ids"] = position_ids
+        # Every token at position 0 starts a sequence (each pad forms its own one-token sequence, as in TRL).
+        is_start = position_ids[0] == 0
+        seq_starts = torch.nonzero(is_start).flatten()
+        cu_seq_lens = torch.cat([seq_starts, torch.tensor([width])]).to(torch.int32)
+        output["cu_seq_lens_q"] = output["cu_seq_lens_k"] = cu_seq_lens
+        output["max_length_q"] = output["max_length_k"] = int(cu_seq_lens.diff().max())
+        output["seq_idx"] = (is_start.cumsum(0, dtype=torch.int32) - 1)[None]
+        return output
+
+    def _padded_layout(self, flat: _Flat, lengths: list[int], packed: bool) -> dict[str, Any]:
+        """One right-padded row per example; packed rows get position ids and no attention mask (see the class)."""
+        width = self._width(max(lengths))
         # Row-major order of the mask is the order of the concatenated examples: one masked_scatter_ pads a key.
         real = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
         output = {}
-        for key, (values, pad_value) in flat.items():
-            output[key] = torch.full((batch_size, width), pad_value, dtype=values.dtype).masked_scatter_(real, values)
+        for key, (values, pad_value) in flat.values.items():
+            output[key] = torch.full((len(lengths), width), pad_value, dtype=values.dtype).masked_scatter_(real, values)
         if packed or self.return_position_ids:
-            output["position_ids"] = torch.zeros((batch_size, width), dtype=torch.int64).masked_scatter_(
-                real, positions
+            output["position_ids"] = torch.zeros((len(lengths), width), dtype=torch.int64).masked_scatter_(
+                real, flat.positions
             )
         if not packed:
             output["attention_mask"] = real.to(torch.int64)
         return output
+
+
+class _Example(NamedTuple):
+    """One validated example, as `DataCollatorForWeightedCompletionLM._read_example` returns it."""
+
+    ids: torch.Tensor  # int64 [n]
+    roles: torch.Tensor  # int64 [n] role codes (IGNORE where labels were -100)
+    docs: list[int]  # document lengths (one entry unless packed)
+    packed: bool  # the example is a packed row (it had `seq_lengths`)
+    weights: torch.Tensor | None  # explicit float32 `loss_weights`, replacing the role weights
+    token_scale: torch.Tensor | None  # per-token example weight
+    scale: float  # scalar example weight
+
+
+class _Flat(NamedTuple):
+    """The batch's outputs over its concatenated tokens: key -> (values, pad value), and positions per document."""
+
+    values: dict[str, tuple[torch.Tensor, Any]]
+    positions: torch.Tensor
+
+
+def _positions_in_documents(doc_lengths: list[int], total: int) -> torch.Tensor:
+    """Position of every token within its document: +1 per token, reset to 0 at every document start (cumsum of
+    steps, which avoids repeat_interleave)."""
+    doc_starts = list(itertools.accumulate(doc_lengths[:-1]))
+    steps = torch.ones(total, dtype=torch.int64)
+    steps[0] = 0
+    if doc_starts:
+        steps[torch.tensor(doc_starts)] = 1 - torch.tensor(doc_lengths[:-1])
+    return steps.cumsum(0)
