@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import trl_plw.ops
 import trl_plw.ops.weighted_linear_ce as wlc
 from trl_plw.ops import TokenStats, weighted_linear_cross_entropy
 
 IGNORE = -100
+_OP = weighted_linear_cross_entropy
 
 
 @pytest.fixture(autouse=True, params=["row_major", "vocab_major"])
 def tile_layout(request, monkeypatch):
-    """Every test runs with both tile layouts ([n, V] and [V, n])."""
-    monkeypatch.setattr(wlc, "VOCAB_MAJOR_TILES", request.param == "vocab_major")
+    """Every test runs with both tile layouts ([n, V] and [V, n]): the module's ``weighted_linear_cross_entropy``
+    becomes the op with ``vocab_major`` bound, for the duration of the test."""
+    monkeypatch.setitem(globals(), "weighted_linear_cross_entropy", functools.partial(_OP, vocab_major=request.param == "vocab_major"))
     return request.param
+
+
+def test_impl_registry_and_public_api():
+    h, w, t, tw = torch.randn(5, 4), torch.randn(11, 4), torch.randint(0, 11, (5,)), torch.rand(5)
+    torch.testing.assert_close(weighted_linear_cross_entropy(h, w, t, tw, impl="torch"), _OP(h, w, t, tw))
+    assert set(wlc.IMPLEMENTATIONS) == {"torch"}
+    with pytest.raises(ValueError, match=r"impl='triton'.*\['torch'\]"):
+        weighted_linear_cross_entropy(h, w, t, tw, impl="triton")
+    assert trl_plw.ops.__all__ == ["TokenStats", "weighted_linear_cross_entropy"]
+    assert not hasattr(wlc, "VALIDATE_VALUES") and not hasattr(wlc, "VOCAB_MAJOR_TILES")  # options are arguments
 
 
 def reference(h, w, targets, token_weights=None, *, bias=None, reduction="mean", normalizer=None, softcap=None,

@@ -23,28 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = [
-    "TokenStats",
-    "VALIDATE_VALUES",
-    "default_memory_budget",
-    "rows_per_tile",
-    "weighted_linear_cross_entropy",
-]
-
-#: Module-level default for the value checks (NaN/negative weights, out-of-range targets). They need one host sync
-#: per call; set ``trl_plw.ops.weighted_linear_ce.VALIDATE_VALUES = False`` (or pass ``validate=False``) to skip them
-#: on GPU once the data pipeline is trusted.
-VALIDATE_VALUES = True
-
-#: Tile layout: ``[V, n]`` ("vocab-major", the projection is ``W @ h.T``) or ``[n, V]``. None = auto: vocab-major on
-#: CPU, where MKL runs ``W @ h.T`` faster than ``h @ W.T`` for small n; row-major elsewhere.
-VOCAB_MAJOR_TILES: bool | None = None
+# The public API. The tiling helpers (`rows_per_tile`, `default_memory_budget`) stay importable from this module for
+# benchmarks and tests, but are not part of it.
+__all__ = ["TokenStats", "weighted_linear_cross_entropy"]
 
 _MiB = 1 << 20
 _CPU_DEFAULT_BUDGET = 256 * _MiB
@@ -542,7 +530,9 @@ def weighted_linear_cross_entropy(
     return_token_stats: bool = False,
     score_zero_weight_tokens: bool = False,
     memory_budget_bytes: int | None = None,
-    validate: bool | None = None,
+    vocab_major: bool | None = None,
+    validate: bool = True,
+    impl: str = "torch",
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Weighted cross-entropy of ``logits = softcap(logit_scale * (hidden @ weight.T + bias))`` without ever
     materializing the ``[N, V]`` logits.
@@ -567,8 +557,13 @@ def weighted_linear_cross_entropy(
             to the loss or the gradients.
         memory_budget_bytes: bound on the per-tile buffers (see :func:`rows_per_tile`); default
             :func:`default_memory_budget`.
-        validate: run the value checks (one host sync); default :data:`VALIDATE_VALUES`. Shape, dtype and device
-            checks always run.
+        vocab_major: tile layout ``[V, n]`` (the projection is ``W @ h.T``) instead of ``[n, V]``; None picks
+            vocab-major on CPU, where MKL runs ``W @ h.T`` faster for small tiles, and row-major elsewhere. Both give
+            the same result to rounding.
+        validate: run the value checks (NaN/negative weights, out-of-range targets: one host sync); pass False on GPU
+            once the data pipeline is trusted. Shape, dtype and device checks always run.
+        impl: the implementation, a key of :data:`IMPLEMENTATIONS`: ``"torch"`` (tiled PyTorch, any device) today;
+            a compiled or Triton kernel registers beside it under its own name, with the same arguments.
 
     Returns:
         The loss (0-dim for ``"mean"``/``"sum"``, ``[N]`` for ``"none"``; float32, or float64 for float64 inputs),
@@ -577,6 +572,53 @@ def weighted_linear_cross_entropy(
     Under ``torch.autocast`` the three matmuls take autocast-dtype inputs (like ``nn.Linear``); the logits,
     softmax and gradient accumulation stay in float32 and the gradients come back in the inputs' dtypes.
     """
+    try:
+        implementation = IMPLEMENTATIONS[impl]
+    except KeyError:
+        raise ValueError(
+            f"impl={impl!r} is not a weighted_linear_cross_entropy implementation; choose one of "
+            f"{sorted(IMPLEMENTATIONS)}."
+        ) from None
+    return implementation(
+        hidden,
+        weight,
+        targets,
+        token_weights,
+        bias=bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        normalizer=normalizer,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        allow_negative_weights=allow_negative_weights,
+        return_token_stats=return_token_stats,
+        score_zero_weight_tokens=score_zero_weight_tokens,
+        memory_budget_bytes=memory_budget_bytes,
+        vocab_major=vocab_major,
+        validate=validate,
+    )
+
+
+def _torch_impl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor | None,
+    *,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    normalizer: float | torch.Tensor | None,
+    softcap: float | None,
+    logit_scale: float,
+    allow_negative_weights: bool,
+    return_token_stats: bool,
+    score_zero_weight_tokens: bool,
+    memory_budget_bytes: int | None,
+    vocab_major: bool | None,
+    validate: bool,
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
+    """The ``"torch"`` implementation: tiles over scored tokens with gradients formed in the forward (module doc)."""
     _check_inputs(
         hidden, weight, targets, token_weights, bias, reduction, normalizer, softcap, logit_scale, memory_budget_bytes
     )
@@ -601,7 +643,7 @@ def weighted_linear_cross_entropy(
     if targets.dtype != torch.long:
         targets = targets.long()
     valid = targets != ignore_index
-    if validate if validate is not None else VALIDATE_VALUES:
+    if validate:
         _check_values(targets, valid, token_weights, normalizer, vocab, ignore_index, allow_negative_weights)
     if token_weights is None:
         w = valid.to(acc_dtype)
@@ -638,7 +680,7 @@ def weighted_linear_cross_entropy(
             softcap=softcap is not None and any_grad,
         ),
         want_argmax=return_token_stats,
-        vocab_major=(device.type == "cpu") if VOCAB_MAJOR_TILES is None else bool(VOCAB_MAJOR_TILES),
+        vocab_major=(device.type == "cpu") if vocab_major is None else bool(vocab_major),
     )
     out_dtype = acc_dtype
 
@@ -680,3 +722,8 @@ def weighted_linear_cross_entropy(
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
+
+
+IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor | tuple[torch.Tensor, TokenStats]]] = {"torch": _torch_impl}
+"""``impl`` name -> implementation of :func:`weighted_linear_cross_entropy` (same positional and keyword
+arguments, less ``impl``). The seam for a compiled/Triton path, as cut-cross-entropy's ``impl=``."""
