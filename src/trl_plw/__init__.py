@@ -1,12 +1,14 @@
 """trl-plw: real-valued prompt-loss weighting for TRL supervised fine-tuning.
 
-Public names are imported lazily so that ``import trl_plw`` (e.g. for the fused loss alone) does not pull in TRL.
+Public names are imported lazily (module ``__getattr__``): ``import trl_plw`` imports neither torch, TRL nor
+matplotlib and registers nothing with transformers, so a process that wants the fused loss alone pays for nothing
+else. Editors and type checkers see the names through the ``TYPE_CHECKING`` imports below.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -25,10 +27,40 @@ _EXPORTS = {
     "load_model_and_tokenizer": "trl_plw.models",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# Written out (not derived from _EXPORTS) so that linters and editors read it; tests/test_imports.py keeps them equal.
+__all__ = [
+    "DataCollatorForWeightedCompletionLM",
+    "PLWConfig",
+    "PLWTrainer",
+    "RoleWeights",
+    "TokenStats",
+    "VARLEN_ATTENTION",
+    "__version__",
+    "load_model",
+    "load_model_and_tokenizer",
+    "load_tokenizer",
+    "prompt_weight_at",
+    "select_attn_implementation",
+    "weighted_linear_cross_entropy",
+]
+
+if TYPE_CHECKING:
+    from trl_plw.attention import VARLEN_ATTENTION, select_attn_implementation
+    from trl_plw.collator import DataCollatorForWeightedCompletionLM
+    from trl_plw.models import load_model, load_model_and_tokenizer, load_tokenizer
+    from trl_plw.ops import TokenStats, weighted_linear_cross_entropy
+    from trl_plw.roles import RoleWeights
+    from trl_plw.schedules import prompt_weight_at
+    from trl_plw.trainer import PLWConfig, PLWTrainer
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later look-ups skip __getattr__
+        return value
     raise AttributeError(f"module 'trl_plw' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
