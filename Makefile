@@ -29,8 +29,11 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/throughput.py
 
+LINT_PATHS := src tests benchmarks examples
+
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
