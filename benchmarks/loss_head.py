@@ -441,8 +441,12 @@ def main(argv=None):
     p.add_argument("--methods", default=None, help="comma list (default: all available)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto: bf16 where native (CUDA, CPUs with AVX512-BF16/AMX), else fp32; recorded CPU runs: fp32")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="auto: bf16 where native (CUDA, CPUs with AVX512-BF16/AMX), else fp32; recorded CPU runs: fp32",
+    )
     p.add_argument("--max-other-load", type=float, default=0.15,
                    help="CPU: discard (and retry) timing samples during which other processes used more than this "
                    "fraction of the machine's CPU time; 1 disables")  # fmt: skip

@@ -31,7 +31,9 @@ def parser(description: str | None) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=20)
     p.add_argument("--output-dir", default="runs/example")
     p.add_argument(
-        "--bf16", action=argparse.BooleanOptionalAction, default=None,
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="bf16 autocast (default: PLWConfig's choice for the device).",
     )
     return p

@@ -46,9 +46,7 @@ def main(argv: Sequence[str] | None = None) -> PLWTrainer:
         prompt_loss_weight_end=PLW_END,
         role_weights=ROLE_WEIGHTS,
     )
-    trainer = PLWTrainer(
-        load_model(args.model), args=config, train_dataset=chat_dataset(), processing_class=tokenizer
-    )
+    trainer = PLWTrainer(load_model(args.model), args=config, train_dataset=chat_dataset(), processing_class=tokenizer)
     trainer.train()  # logs `prompt_loss_weight` at every step, next to prompt_loss / completion_loss
     return trainer
 

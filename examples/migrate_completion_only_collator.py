@@ -33,9 +33,7 @@ def text_dataset() -> Dataset:
 
 
 def main(argv: Sequence[str] | None = None) -> PLWTrainer:
-    args = parse(
-        __doc__, argv, lambda p: p.add_argument("--prompt-loss-weight", type=float, default=0.1)
-    )
+    args = parse(__doc__, argv, lambda p: p.add_argument("--prompt-loss-weight", type=float, default=0.1))
     tokenizer = load_tokenizer(args.model)
     collator = DataCollatorForWeightedCompletionLM(
         RESPONSE_TEMPLATE, tokenizer=tokenizer, prompt_loss_weight=args.prompt_loss_weight

@@ -46,8 +46,10 @@ def accumulate_window(model, micro_batches: Sequence[dict[str, torch.Tensor]]) -
     total = 0.0
     for batch in micro_batches:
         hidden = model.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"), use_cache=False,
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
         ).last_hidden_state
         # Shift once, here: position t's weight is for predicting token t from the hidden state at t - 1.
         loss = weighted_linear_cross_entropy(

@@ -190,7 +190,9 @@ def assert_runs_close_float32(a, b, ulps: float = 64):
     assert a[2].keys() == b[2].keys()
     for name in a[2]:
         y = b[2][name]
-        torch.testing.assert_close(a[2][name], y, rtol=eps, atol=eps * y.abs().max().item(), msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            a[2][name], y, rtol=eps, atol=eps * y.abs().max().item(), msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def assert_runs_close(a, b, atol=ATOL, rtol=RTOL):

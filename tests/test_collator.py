@@ -592,7 +592,16 @@ def test_old_collator_inputs_token_id_lists_and_padded_dicts(smollm2_tokenizer, 
     with pytest.raises(ValueError, match="attention_mask` has 2 entries"):
         collator([{"input_ids": [1, 2, 3], "attention_mask": [1, 1]}])
     with pytest.raises(ValueError, match="packed row"):
-        collator([{"input_ids": [1, 2, 3, 4], "attention_mask": [1, 1, 1, 0], "seq_lengths": [2, 2], "completion_mask": [0, 1, 0, 1]}])
+        collator(
+            [
+                {
+                    "input_ids": [1, 2, 3, 4],
+                    "attention_mask": [1, 1, 1, 0],
+                    "seq_lengths": [2, 2],
+                    "completion_mask": [0, 1, 0, 1],
+                }
+            ]
+        )
 
 
 def test_old_collator_keyword_and_positional_arguments(smollm2_tokenizer):

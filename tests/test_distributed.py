@@ -24,7 +24,10 @@ def launch(num_processes: int, per_device_batch: int, out: Path, normalization: 
     # `--cpu` would pick accelerate's single-process launcher (multi-CPU needs MPI); `--multi_gpu` goes through
     # torchrun, and with no visible GPU accelerate sets up a gloo process group on CPU.
     env = {
-        **os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
         "CUDA_VISIBLE_DEVICES": "",
     }
     launcher = list(extra) or (["--multi_gpu"] if num_processes > 1 else [])

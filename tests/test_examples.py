@@ -88,7 +88,9 @@ def test_plain_pytorch_loop_accumulates_with_a_global_denominator(tiny_model_dir
     from trl_plw import DataCollatorForWeightedCompletionLM
 
     model = make_tiny_llama(vocab_size=len(smollm2_tokenizer)).double().train()
-    collator = DataCollatorForWeightedCompletionLM(tokenizer=smollm2_tokenizer, prompt_loss_weight=0.1, loss_weights_consumer="t")
+    collator = DataCollatorForWeightedCompletionLM(
+        tokenizer=smollm2_tokenizer, prompt_loss_weight=0.1, loss_weights_consumer="t"
+    )
     examples = example.tokenized_examples(smollm2_tokenizer)[:4]
 
     def grads(micro_batches):
@@ -120,9 +122,20 @@ def test_sft_recipe_yaml(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(PLWTrainer, "train", train)
     code = cli.main(
         [
-            "sft", "--config", str(EXAMPLES / "sft_recipe.yaml"), "--model_name_or_path", tiny_model_dir,
-            "--dataset_name", str(EXAMPLES / "data" / "chat_sample.jsonl"), "--output_dir", str(tmp_path),
-            "--max_steps", "2", "--no-bf16", "--use_cpu", "true",
+            "sft",
+            "--config",
+            str(EXAMPLES / "sft_recipe.yaml"),
+            "--model_name_or_path",
+            tiny_model_dir,
+            "--dataset_name",
+            str(EXAMPLES / "data" / "chat_sample.jsonl"),
+            "--output_dir",
+            str(tmp_path),
+            "--max_steps",
+            "2",
+            "--no-bf16",
+            "--use_cpu",
+            "true",
         ]
     )
     assert code == 0
@@ -138,8 +151,9 @@ def test_gpu_lora_packed_varlen_recipe(tiny_model_dir, tmp_path):
     from accelerate.utils import is_peft_model
 
     example = load_example("gpu_lora_packed_varlen")
-    argv = run_args(tiny_model_dir, tmp_path, "--num-examples", "8", "--max-length", "512", "--batch-size", "2",
-                    "--lora-r", "4")
+    argv = run_args(
+        tiny_model_dir, tmp_path, "--num-examples", "8", "--max-length", "512", "--batch-size", "2", "--lora-r", "4"
+    )
     trainer = example.main(argv)
     model = trainer.model
     assert is_peft_model(model) and trainer.padding_free and trainer.state.global_step == 2

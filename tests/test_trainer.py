@@ -34,7 +34,10 @@ def prompt_completion_dataset(conversational: bool, n: int = 8) -> Dataset:
     for prompt, completion in PAIRS[:n]:
         if conversational:
             rows.append(
-                {"prompt": [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": completion}]}
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "completion": [{"role": "assistant", "content": completion}],
+                }
             )
         else:
             rows.append({"prompt": f"Question: {prompt}\nAnswer:", "completion": f" {completion}"})
@@ -147,7 +150,9 @@ def test_fractional_plw_matches_full_logits_reference(smollm2_tokenizer, tmp_pat
     reference_model = copy.deepcopy(model).train()  # copied before the trainer patches the forward
     trainer = PLWTrainer(
         model,
-        args=PLWConfig(**common_args(output_dir=str(tmp_path), prompt_loss_weight=0.1, loss_normalization=normalization)),
+        args=PLWConfig(
+            **common_args(output_dir=str(tmp_path), prompt_loss_weight=0.1, loss_normalization=normalization)
+        ),
         train_dataset=data,
         processing_class=smollm2_tokenizer,
     )
@@ -191,7 +196,9 @@ def test_padding_free_and_packed_equal_padded(smollm2_tokenizer, tmp_path):
     # BFD-packed rows of the same examples (the trainer's own packing pipeline) give the same loss
     packed = PLWTrainer(
         copy.deepcopy(model),
-        args=PLWConfig(**common_args(output_dir=str(tmp_path / "c"), prompt_loss_weight=0.2, packing=True, max_length=4096)),
+        args=PLWConfig(
+            **common_args(output_dir=str(tmp_path / "c"), prompt_loss_weight=0.2, packing=True, max_length=4096)
+        ),
         train_dataset=data.select(range(4)),
         processing_class=smollm2_tokenizer,
     )
@@ -203,11 +210,15 @@ def test_padding_free_and_packed_equal_padded(smollm2_tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("truncation_mode", ["keep_start", "keep_end"])
-def test_bfd_packing_truncates_before_dropping_examples_without_completion(smollm2_tokenizer, tmp_path, truncation_mode):
+def test_bfd_packing_truncates_before_dropping_examples_without_completion(
+    smollm2_tokenizer, tmp_path, truncation_mode
+):
     """BFD packing cuts long examples itself; the trainer must cut them first (honouring truncation_mode) so that an
     example whose completion was cut away is dropped instead of being packed as a prompt-only document."""
     long_prompt = "Question: " + "please read this long passage about nothing in particular " * 6 + "\nAnswer:"
-    rows = [{"prompt": "Question: Say hi.\nAnswer:", "completion": " Hi!"}] * 3 + [{"prompt": long_prompt, "completion": " No."}]
+    rows = [{"prompt": "Question: Say hi.\nAnswer:", "completion": " Hi!"}] * 3 + [
+        {"prompt": long_prompt, "completion": " No."}
+    ]
     max_length = 24
     assert len(smollm2_tokenizer(long_prompt)["input_ids"]) > max_length
     trainer = PLWTrainer(
@@ -235,7 +246,9 @@ def test_bfd_packing_truncates_before_dropping_examples_without_completion(smoll
     else:  # keep_end keeps the answer and the end of the passage
         assert len(documents) == 4
         ids, roles = max(documents, key=lambda d: len(d[0]))
-        assert len(ids) == max_length and "No." in smollm2_tokenizer.decode([i for i, r in zip(ids, roles, strict=True) if r == 1])
+        assert len(ids) == max_length and "No." in smollm2_tokenizer.decode(
+            [i for i, r in zip(ids, roles, strict=True) if r == 1]
+        )
 
 
 @pytest.mark.parametrize("strategy", ["bfd_split", "wrapped"])
@@ -253,8 +266,12 @@ def test_token_keeping_packing_strategies_keep_every_token_and_role(smollm2_toke
     trainer = PLWTrainer(
         tiny(len(smollm2_tokenizer)),
         args=PLWConfig(
-            **common_args(output_dir=str(tmp_path / "p")), prompt_loss_weight=0.2, packing=True, max_length=16,
-            packing_strategy=strategy, shuffle_dataset=False,
+            **common_args(output_dir=str(tmp_path / "p")),
+            prompt_loss_weight=0.2,
+            packing=True,
+            max_length=16,
+            packing_strategy=strategy,
+            shuffle_dataset=False,
         ),
         train_dataset=data,
         processing_class=smollm2_tokenizer,
@@ -314,7 +331,14 @@ def test_eval_metrics_split_prompt_and_completion(smollm2_tokenizer, tmp_path):
         processing_class=smollm2_tokenizer,
     )
     metrics = trainer.evaluate()
-    for key in ("eval_loss", "eval_prompt_loss", "eval_completion_loss", "eval_sequence_loss", "eval_completion_accuracy", "eval_answer_accuracy"):
+    for key in (
+        "eval_loss",
+        "eval_prompt_loss",
+        "eval_completion_loss",
+        "eval_sequence_loss",
+        "eval_completion_accuracy",
+        "eval_answer_accuracy",
+    ):
         assert key in metrics and math.isfinite(metrics[key]), key
 
     # Reference: full logits over the whole prepared eval set
@@ -329,7 +353,9 @@ def test_eval_metrics_split_prompt_and_completion(smollm2_tokenizer, tmp_path):
     prompt, completion = batch["prompt_mask"][:, 1:], batch["completion_mask"][:, 1:]
     assert prompt.any() and completion.any()
     top = logits.max(-1)
-    correct = (logits.gather(-1, targets[..., None])[..., 0] >= top.values) & ((logits == top.values[..., None]).sum(-1) == 1)
+    correct = (logits.gather(-1, targets[..., None])[..., 0] >= top.values) & (
+        (logits == top.values[..., None]).sum(-1) == 1
+    )
     assert metrics["eval_prompt_loss"] == pytest.approx(ce[prompt].mean().item(), rel=1e-5)
     assert metrics["eval_completion_loss"] == pytest.approx(ce[completion].mean().item(), rel=1e-5)
     assert metrics["eval_loss"] == pytest.approx(ce[completion].mean().item(), rel=1e-5)  # PLW=0
@@ -348,8 +374,10 @@ def test_schedule_moves_prompt_weight_and_resumes_exactly(smollm2_tokenizer, tmp
     )
     model = tiny(len(smollm2_tokenizer))
     full = PLWTrainer(
-        copy.deepcopy(model), args=PLWConfig(**{**args, "output_dir": str(tmp_path / "full")}),
-        train_dataset=data, processing_class=smollm2_tokenizer,
+        copy.deepcopy(model),
+        args=PLWConfig(**{**args, "output_dir": str(tmp_path / "full")}),
+        train_dataset=data,
+        processing_class=smollm2_tokenizer,
     )
     full.train()
     logged = [e["prompt_loss_weight"] for e in full.state.log_history if "prompt_loss_weight" in e]
@@ -358,13 +386,17 @@ def test_schedule_moves_prompt_weight_and_resumes_exactly(smollm2_tokenizer, tmp
 
     resumed_dir = str(tmp_path / "resumed")
     first = PLWTrainer(
-        copy.deepcopy(model), args=PLWConfig(**{**args, "output_dir": resumed_dir, "max_steps": 4}),
-        train_dataset=data, processing_class=smollm2_tokenizer,
+        copy.deepcopy(model),
+        args=PLWConfig(**{**args, "output_dir": resumed_dir, "max_steps": 4}),
+        train_dataset=data,
+        processing_class=smollm2_tokenizer,
     )
     first.train()  # writes checkpoint-2 and checkpoint-4
     second = PLWTrainer(
-        copy.deepcopy(model), args=PLWConfig(**{**args, "output_dir": resumed_dir}),
-        train_dataset=data, processing_class=smollm2_tokenizer,
+        copy.deepcopy(model),
+        args=PLWConfig(**{**args, "output_dir": resumed_dir}),
+        train_dataset=data,
+        processing_class=smollm2_tokenizer,
     )
     second.train(resume_from_checkpoint=f"{resumed_dir}/checkpoint-2")
     resumed = [e["prompt_loss_weight"] for e in second.state.log_history if "prompt_loss_weight" in e]
@@ -381,8 +413,13 @@ def test_best_model_on_completion_loss_with_early_stopping(smollm2_tokenizer, tm
         tiny(len(smollm2_tokenizer)),
         args=PLWConfig(
             **common_args(
-                output_dir=str(tmp_path), max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps",
-                save_steps=2, learning_rate=0.5,
+                output_dir=str(tmp_path),
+                max_steps=6,
+                eval_strategy="steps",
+                eval_steps=2,
+                save_strategy="steps",
+                save_steps=2,
+                learning_rate=0.5,
             ),
             prompt_loss_weight=0.1,
             metric_for_best_model="completion_loss",
@@ -403,13 +440,19 @@ def test_unsupported_combinations_raise(smollm2_tokenizer, tmp_path):
     data = prompt_completion_dataset(conversational=False)
     with pytest.raises(ValueError, match="compute_loss_func"):
         PLWTrainer(
-            tiny(len(smollm2_tokenizer)), args=PLWConfig(**common_args(output_dir=str(tmp_path))), train_dataset=data,
-            processing_class=smollm2_tokenizer, compute_loss_func=lambda *a, **k: 0,
+            tiny(len(smollm2_tokenizer)),
+            args=PLWConfig(**common_args(output_dir=str(tmp_path))),
+            train_dataset=data,
+            processing_class=smollm2_tokenizer,
+            compute_loss_func=lambda *a, **k: 0,
         )
     with pytest.raises(ValueError, match="compute_metrics"):
         PLWTrainer(
-            tiny(len(smollm2_tokenizer)), args=PLWConfig(**common_args(output_dir=str(tmp_path))), train_dataset=data,
-            processing_class=smollm2_tokenizer, compute_metrics=lambda p: {},
+            tiny(len(smollm2_tokenizer)),
+            args=PLWConfig(**common_args(output_dir=str(tmp_path))),
+            train_dataset=data,
+            processing_class=smollm2_tokenizer,
+            compute_metrics=lambda p: {},
         )
     with pytest.raises(ValueError, match="prompt_loss_weight_end"):
         PLWConfig(**common_args(output_dir=str(tmp_path)), prompt_loss_weight_schedule="cosine")
@@ -423,7 +466,9 @@ def test_dataset_without_split_names_the_columns(smollm2_tokenizer, tmp_path):
     data = Dataset.from_list([{"text": "just some text without any structure"}] * 4)
     with pytest.raises(ValueError, match=r"'prompt'\+'completion'.*'messages'.*response_template"):
         PLWTrainer(
-            tiny(len(smollm2_tokenizer)), args=PLWConfig(**common_args(output_dir=str(tmp_path))), train_dataset=data,
+            tiny(len(smollm2_tokenizer)),
+            args=PLWConfig(**common_args(output_dir=str(tmp_path))),
+            train_dataset=data,
             processing_class=smollm2_tokenizer,
         )
 
@@ -432,7 +477,9 @@ def test_text_dataset_with_response_template(smollm2_tokenizer, tmp_path):
     rows = [{"text": f"### Instruction:\n{p}\n\n### Response:\n{c}"} for p, c in PAIRS]
     trainer = PLWTrainer(
         tiny(len(smollm2_tokenizer)),
-        args=PLWConfig(**common_args(output_dir=str(tmp_path)), prompt_loss_weight=0.5, response_template="### Response:"),
+        args=PLWConfig(
+            **common_args(output_dir=str(tmp_path)), prompt_loss_weight=0.5, response_template="### Response:"
+        ),
         train_dataset=Dataset.from_list(rows),
         processing_class=smollm2_tokenizer,
     )
@@ -445,13 +492,21 @@ def test_text_dataset_with_response_template(smollm2_tokenizer, tmp_path):
 def test_messages_and_pretokenized_datasets(smollm2_tokenizer, tmp_path):
     messages = Dataset.from_list(
         [
-            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}, {"role": "assistant", "content": c}]}
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": p},
+                    {"role": "assistant", "content": c},
+                ]
+            }
             for p, c in PAIRS
         ]
     )
     chat = PLWTrainer(
         tiny(len(smollm2_tokenizer)),
-        args=PLWConfig(**common_args(output_dir=str(tmp_path / "m")), prompt_loss_weight=0.3, role_weights={"system": 0.0}),
+        args=PLWConfig(
+            **common_args(output_dir=str(tmp_path / "m")), prompt_loss_weight=0.3, role_weights={"system": 0.0}
+        ),
         train_dataset=messages,
         processing_class=smollm2_tokenizer,
     )
@@ -462,7 +517,10 @@ def test_messages_and_pretokenized_datasets(smollm2_tokenizer, tmp_path):
     assert math.isfinite(chat.compute_loss(chat.model, dict(batch)).item())
 
     pretokenized = Dataset.from_list(
-        [{"input_ids": [5, 6, 7, 8, 9], "loss_weights": [0.0, 0.2, 0.2, 1.0, 1.0]}, {"input_ids": [5, 6, 7], "completion_mask": [0, 1, 1]}][:1]
+        [
+            {"input_ids": [5, 6, 7, 8, 9], "loss_weights": [0.0, 0.2, 0.2, 1.0, 1.0]},
+            {"input_ids": [5, 6, 7], "completion_mask": [0, 1, 1]},
+        ][:1]
         * 4
     )
     trainer = PLWTrainer(
@@ -514,7 +572,10 @@ def test_collator_template_drives_packed_training(smollm2_tokenizer, tmp_path, s
     trainer = PLWTrainer(
         model,
         args=PLWConfig(
-            **common_args(output_dir=str(tmp_path)), packing=True, max_length=4096, packing_strategy=strategy,
+            **common_args(output_dir=str(tmp_path)),
+            packing=True,
+            max_length=4096,
+            packing_strategy=strategy,
             shuffle_dataset=False,
         ),
         data_collator=collator,
@@ -531,7 +592,9 @@ def test_collator_template_drives_packed_training(smollm2_tokenizer, tmp_path, s
 
     texts = [r["text"] + smollm2_tokenizer.eos_token for r in ALPACA_ROWS]
     examples = [smollm2_tokenizer(t)["input_ids"] for t in texts]
-    reference_batch = alpaca_collator(smollm2_tokenizer, prompt_loss_weight=0.1, loss_weights_consumer="test")(examples)
+    reference_batch = alpaca_collator(smollm2_tokenizer, prompt_loss_weight=0.1, loss_weights_consumer="test")(
+        examples
+    )
     if strategy == "wrapped":
         # One row without document boundaries (attention spans documents, by design of "wrapped"): the weights are
         # the collator's everywhere except at document starts, which only the unpacked reference masks.
@@ -558,8 +621,16 @@ def float64_reference_loss(model, batch):
 def test_collator_and_config_conflicts_name_both_values(smollm2_tokenizer, tmp_path):
     data = Dataset.from_list(ALPACA_ROWS)
     cases = [
-        ({"prompt_loss_weight": 0.2}, {"prompt_loss_weight": 0.1}, r"prompt_loss_weight=0\.2.*prompt_loss_weight=0\.1"),
-        ({"response_template": "### Answer:"}, {}, r"response_template='### Answer:'.*response_template='### Response:\\n'"),
+        (
+            {"prompt_loss_weight": 0.2},
+            {"prompt_loss_weight": 0.1},
+            r"prompt_loss_weight=0\.2.*prompt_loss_weight=0\.1",
+        ),
+        (
+            {"response_template": "### Answer:"},
+            {},
+            r"response_template='### Answer:'.*response_template='### Response:\\n'",
+        ),
         ({"example_weight_column": "w"}, {"example_weight_column": "v"}, r"example_weight_column='w'.*'v'"),
         ({"role_weights": {"system": 0.0}}, {"role_weights": {"user": 0.5}}, r"role_weights=\{'system': 0\.0\}"),
     ]
@@ -589,12 +660,20 @@ def test_collator_policy_on_chat_data_with_padding_free_and_example_weights(smol
     from trl_plw import DataCollatorForWeightedCompletionLM
 
     rows = [
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": p},
-                      {"role": "assistant", "content": c}], "importance": 2.0 if i == 0 else 1.0}
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": p},
+                {"role": "assistant", "content": c},
+            ],
+            "importance": 2.0 if i == 0 else 1.0,
+        }
         for i, (p, c) in enumerate(PAIRS)
     ]
     collator = DataCollatorForWeightedCompletionLM(
-        tokenizer=smollm2_tokenizer, prompt_loss_weight=0.3, role_weights={"system": 0.0, "template": 0.0},
+        tokenizer=smollm2_tokenizer,
+        prompt_loss_weight=0.3,
+        role_weights={"system": 0.0, "template": 0.0},
         example_weight_column="importance",
     )
     trainer = PLWTrainer(
@@ -611,7 +690,9 @@ def test_collator_policy_on_chat_data_with_padding_free_and_example_weights(smol
     start = 0
     for length in row["seq_lengths"]:  # BFD reorders documents; the first PAIR's has example weight 2
         doc = slice(start, start + length)
-        expected = [0.0, 0.6, 2.0] if PAIRS[0][0] in smollm2_tokenizer.decode(row["input_ids"][doc]) else [0.0, 0.3, 1.0]
+        expected = (
+            [0.0, 0.6, 2.0] if PAIRS[0][0] in smollm2_tokenizer.decode(row["input_ids"][doc]) else [0.0, 0.3, 1.0]
+        )
         assert batch["loss_weights"][0, doc].unique().tolist() == pytest.approx(expected)
         start += length
     user_tokens = batch["prompt_mask"] & (batch["loss_weights"] != 0)
@@ -623,14 +704,18 @@ def test_collator_on_missing_template_ignore_drops_examples(smollm2_tokenizer, t
     rows = [*ALPACA_ROWS[:3], {"text": "no template in this one"}]
     with pytest.raises(ValueError, match="on_missing_template='ignore'"):
         PLWTrainer(
-            tiny(len(smollm2_tokenizer)), args=PLWConfig(**common_args(output_dir=str(tmp_path))),
-            data_collator=alpaca_collator(smollm2_tokenizer), train_dataset=Dataset.from_list(rows),
+            tiny(len(smollm2_tokenizer)),
+            args=PLWConfig(**common_args(output_dir=str(tmp_path))),
+            data_collator=alpaca_collator(smollm2_tokenizer),
+            train_dataset=Dataset.from_list(rows),
             processing_class=smollm2_tokenizer,
         )
     trainer = PLWTrainer(
-        tiny(len(smollm2_tokenizer)), args=PLWConfig(**common_args(output_dir=str(tmp_path))),
+        tiny(len(smollm2_tokenizer)),
+        args=PLWConfig(**common_args(output_dir=str(tmp_path))),
         data_collator=alpaca_collator(smollm2_tokenizer, on_missing_template="ignore"),
-        train_dataset=Dataset.from_list(rows), processing_class=smollm2_tokenizer,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=smollm2_tokenizer,
     )
     assert len(trainer.train_dataset) == 3
 
@@ -644,8 +729,11 @@ def chat_dataset() -> Dataset:
 def test_trl_loss_switches_map_onto_weights_or_raise(smollm2_tokenizer, tmp_path):
     def build(data, collator=None, **config):
         return PLWTrainer(
-            tiny(len(smollm2_tokenizer)), args=PLWConfig(**common_args(output_dir=str(tmp_path)), **config),
-            data_collator=collator, train_dataset=data, processing_class=smollm2_tokenizer,
+            tiny(len(smollm2_tokenizer)),
+            args=PLWConfig(**common_args(output_dir=str(tmp_path)), **config),
+            data_collator=collator,
+            train_dataset=data,
+            processing_class=smollm2_tokenizer,
         )
 
     # assistant_only_loss=True on chat data: only assistant turns are weighted (TRL would refuse SmolLM2's template)
@@ -664,8 +752,11 @@ def test_trl_loss_switches_map_onto_weights_or_raise(smollm2_tokenizer, tmp_path
         with pytest.raises(ValueError, match=rf"{switch}=True.*'user': 0\.5"):
             build(chat_dataset(), role_weights={"user": 0.5}, **{switch: True})
     with pytest.raises(ValueError, match=r"completion_only_loss=True.*prompt_loss_weight=0\.1"):
-        build(Dataset.from_list(ALPACA_ROWS), alpaca_collator(smollm2_tokenizer, prompt_loss_weight=0.1),
-              completion_only_loss=True)
+        build(
+            Dataset.from_list(ALPACA_ROWS),
+            alpaca_collator(smollm2_tokenizer, prompt_loss_weight=0.1),
+            completion_only_loss=True,
+        )
     # completion_only_loss=True with weight 0 is what PLW 0 does already
     assert build(chat_dataset(), completion_only_loss=True).data_collator.prompt_loss_weight == 0.0
     # completion_only_loss=False is TRL's full-sequence loss: a prompt weight left at 0 becomes 1 ...

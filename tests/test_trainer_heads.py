@@ -27,7 +27,10 @@ PAIRS = [
 
 def chat_data() -> Dataset:
     return Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}]} for p, c in PAIRS]
+        [
+            {"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}]}
+            for p, c in PAIRS
+        ]
     )
 
 
@@ -85,7 +88,10 @@ def test_moe_router_aux_loss_enters_the_loss_and_the_logs(smollm2_tokenizer, tmp
     model = tiny_mixtral(len(smollm2_tokenizer))
     reference_model = copy.deepcopy(model).train()
     trainer = PLWTrainer(
-        model, args=args(tmp_path, prompt_loss_weight=0.3), train_dataset=chat_data(), processing_class=smollm2_tokenizer
+        model,
+        args=args(tmp_path, prompt_loss_weight=0.3),
+        train_dataset=chat_data(),
+        processing_class=smollm2_tokenizer,
     )
     assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.5  # SFTTrainer's switch, from the config
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
@@ -120,7 +126,9 @@ def test_router_aux_loss_coef_zero_turns_it_off(smollm2_tokenizer, tmp_path):
     assert not trainer.aux_loss_enabled
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     trainer.model.train()
-    assert_exact(trainer.compute_loss(trainer.model, dict(batch)), reference_loss(reference_model, batch, with_aux=False))
+    assert_exact(
+        trainer.compute_loss(trainer.model, dict(batch)), reference_loss(reference_model, batch, with_aux=False)
+    )
 
 
 def test_peft_lora_on_lm_head_trains_the_adapter_exactly(smollm2_tokenizer, tmp_path):
@@ -128,7 +136,9 @@ def test_peft_lora_on_lm_head_trains_the_adapter_exactly(smollm2_tokenizer, tmp_
     from conftest import make_tiny_llama
 
     model = make_tiny_llama(vocab_size=len(smollm2_tokenizer)).double()
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False
+    )
     reference_model = peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(config))  # forward: the model's own
     trainer = PLWTrainer(
         model,

@@ -20,7 +20,9 @@ _OP = weighted_linear_cross_entropy
 def tile_layout(request, monkeypatch):
     """Every test runs with both tile layouts ([n, V] and [V, n]): the module's ``weighted_linear_cross_entropy``
     becomes the op with ``vocab_major`` bound, for the duration of the test."""
-    monkeypatch.setitem(globals(), "weighted_linear_cross_entropy", functools.partial(_OP, vocab_major=request.param == "vocab_major"))
+    monkeypatch.setitem(
+        globals(), "weighted_linear_cross_entropy", functools.partial(_OP, vocab_major=request.param == "vocab_major")
+    )
     return request.param
 
 

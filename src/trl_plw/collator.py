@@ -333,7 +333,9 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
                     f"{self.response_template!r} is set too. Pass pad_token_id as an int (or leave it unset)."
                 )
             self.response_template, self.pad_token_id = self.pad_token_id, None
-        elif self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int)):
+        elif self.pad_token_id is not None and (
+            isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int)
+        ):
             raise ValueError(f"pad_token_id={self.pad_token_id!r} must be an int token id (or None).")
 
     @property
@@ -462,7 +464,9 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
         for name in PER_TOKEN_COLUMNS:  # every per-token column, used or not, must stay aligned
             length = _sequence_length(example.get(name))
             if length is not None and length != n:
-                raise ValueError(f"Example {i}: `{name}` has {length} entries but `input_ids` has {n}. " + _ALIGNMENT_HINT)
+                raise ValueError(
+                    f"Example {i}: `{name}` has {length} entries but `input_ids` has {n}. " + _ALIGNMENT_HINT
+                )
         docs, packed = self._doc_lengths(i, example, n)
 
         weights = example.get("loss_weights")
@@ -583,7 +587,9 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
         real = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
         output = {}
         for key, (values, pad_value) in flat.values.items():
-            output[key] = torch.full((len(lengths), width), pad_value, dtype=values.dtype).masked_scatter_(real, values)
+            output[key] = torch.full((len(lengths), width), pad_value, dtype=values.dtype).masked_scatter_(
+                real, values
+            )
         if packed or self.return_position_ids:
             output["position_ids"] = torch.zeros((len(lengths), width), dtype=torch.int64).masked_scatter_(
                 real, flat.positions

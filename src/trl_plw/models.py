@@ -107,7 +107,9 @@ def ensure_default_model(force: bool = False) -> Path:
     if not force and _cache_is_complete(target, source):
         return target
     if importlib.util.find_spec("gguf") is None:
-        raise DefaultModelError(f"Converting the default model needs the `gguf` package. Install it with: {_INSTALL_HINT}")
+        raise DefaultModelError(
+            f"Converting the default model needs the `gguf` package. Install it with: {_INSTALL_HINT}"
+        )
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -58,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
     script_args, training_args, model_args = parser.parse_args_and_config(normalize_bf16_flags(args.rest))
     if model_args.model_name_or_path is None:
         model_args.model_name_or_path = "smollm2-135m"
-    model_kwargs = {"dtype": model_args.dtype if model_args.dtype in (None, "auto") else getattr(__import__("torch"), model_args.dtype)}
+    model_kwargs = {
+        "dtype": model_args.dtype
+        if model_args.dtype in (None, "auto")
+        else getattr(__import__("torch"), model_args.dtype)
+    }
     if model_args.attn_implementation is not None:
         model_kwargs["attn_implementation"] = model_args.attn_implementation
     model = load_model(model_args.model_name_or_path, **model_kwargs)
@@ -66,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     train = load_any_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
     evaluation = None
     if training_args.eval_strategy != "no":
-        evaluation = load_any_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_test_split)
+        evaluation = load_any_dataset(
+            script_args.dataset_name, script_args.dataset_config, script_args.dataset_test_split
+        )
     trainer = PLWTrainer(
         model,
         args=training_args,

@@ -56,6 +56,7 @@ from trl_plw.weighted_head import add_weighted_lm_head
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class PLWConfig(SFTConfig):
     r"""
@@ -105,7 +106,7 @@ class PLWConfig(SFTConfig):
     completion_loss_weight: float = field(default=1.0, metadata={"help": "Weight of completion tokens."})
     role_weights: dict | str | None = field(
         default=None,
-        metadata={"help": "Per-role weights for chat data, e.g. '{\"system\": 0.0, \"template\": 0.0}'."},
+        metadata={"help": 'Per-role weights for chat data, e.g. \'{"system": 0.0, "template": 0.0}\'.'},
     )
     loss_normalization: str = field(
         default="weights",
@@ -450,14 +451,15 @@ class PLWTrainer(SFTTrainer):
         if args.max_length is not None and truncate_first:
             if args.truncation_mode not in ("keep_start", "keep_end"):
                 raise ValueError(f"truncation_mode={args.truncation_mode!r}: use 'keep_start' or 'keep_end'.")
-            keep = slice(None, args.max_length) if args.truncation_mode == "keep_start" else slice(-args.max_length, None)
-            truncated = per_token + ([example_weight] if has_example_weight and example_weight not in per_token else [])
+            keep = (
+                slice(None, args.max_length) if args.truncation_mode == "keep_start" else slice(-args.max_length, None)
+            )
+            truncated = per_token + (
+                [example_weight] if has_example_weight and example_weight not in per_token else []
+            )
 
             def truncate(example):
-                return {
-                    c: example[c][keep] if isinstance(example[c], list) else example[c]
-                    for c in truncated
-                }
+                return {c: example[c][keep] if isinstance(example[c], list) else example[c] for c in truncated}
 
             dataset = dataset.map(truncate, **map_kwargs)
 
