@@ -25,10 +25,9 @@ import math
 import random
 import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
-from trl_plw.sweep import ARTICLE_SWEEP, SweepConfig, add_config_arguments, config_from_args, run_sweep
+from trl_plw.sweep import ARTICLE_SWEEP, SweepConfig, add_config_arguments, config_from_args, run_from_args
 
 
 @dataclass
@@ -60,8 +59,9 @@ _CPU = dict(
 )
 
 PRESETS: dict[str, RacePreset] = {
-    "cpu-demo": RacePreset(**_CPU, max_steps=60, eval_steps=20, plws=(1.0, 0.1, 0.0)),
-    "cpu-long": RacePreset(**_CPU, max_steps=120, eval_steps=20, plws=ARTICLE_SWEEP),
+    # Sizes are estimates from the exploration's step times (not a timed run of the preset): see the README.
+    "cpu-demo": RacePreset(**_CPU, max_steps=48, eval_steps=16, plws=(1.0, 0.1, 0.0)),
+    "cpu-long": RacePreset(**_CPU, max_steps=96, eval_steps=16, plws=ARTICLE_SWEEP),
     "paper": RacePreset(
         model="meta-llama/Llama-2-7b-chat-hf",
         dataset="ehovy/race",
@@ -357,17 +357,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         dry_run(preset, args.tokenizer)
         return 0
-    result = run_sweep(
-        preset,
-        Path(args.output_dir),
-        load_splits=load_race_splits,
-        plots=not args.no_plots,
-        plot_name="race_sweep.png",
-        resume=not args.no_resume,
-    )
-    print(result["text"])
-    print(f"\nWrote {args.output_dir}/summary.md, metrics.csv" + ("" if args.no_plots else ", race_sweep.png"))
-    return 0
+    return run_from_args(preset, args, load_splits=load_race_splits, plot_name="race_sweep.png")
 
 
 if __name__ == "__main__":

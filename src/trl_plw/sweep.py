@@ -673,7 +673,26 @@ def run_cli(args: argparse.Namespace) -> int:
     config = config_from_args(SweepConfig(), args)
     if not config.dataset:
         raise SystemExit("trl-plw sweep: error: --dataset PATH_OR_ID is required")
-    result = run_sweep(config, Path(args.output_dir), plots=not args.no_plots, resume=not args.no_resume)
+    return run_from_args(config, args)
+
+
+def run_from_args(
+    config: SweepConfig,
+    args: argparse.Namespace,
+    *,
+    load_splits: Callable[[SweepConfig, int], tuple[Any, Any]] = load_sweep_splits,
+    plot_name: str = "sweep.png",
+) -> int:
+    """Run the sweep with the output flags of `add_config_arguments` and print the report (sweep and race)."""
+    result = run_sweep(
+        config,
+        Path(args.output_dir),
+        load_splits=load_splits,
+        plots=not args.no_plots,
+        plot_name=plot_name,
+        resume=not args.no_resume,
+    )
     print(result["text"])
-    print(f"\nWrote {args.output_dir}/summary.md, summary.json, metrics.csv" + ("" if args.no_plots else ", sweep.png"))
+    files = "summary.md, summary.json, metrics.csv" + ("" if args.no_plots else f", {plot_name}")
+    print(f"\nWrote {files} in {args.output_dir}")
     return 0
