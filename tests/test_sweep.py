@@ -87,5 +87,5 @@ def test_summary_pools_seeds_and_reports_the_three_findings():
     assert "0.650 [" in summary_markdown([row]) and "pooled over seeds" in summary_markdown([row])
     rec = recommend([row], {"ratio_of_totals": 0.01, "mean": 0.012})
     assert rec["plw"] == 0.1 and "Rt = 0.01" in rec["text"] and rec["learned"] and "Weak evidence" not in rec["text"]
-    flat = dict(row, initial_acc=0.6)
+    flat = dict(row, initial_acc_ci=[0.55, 0.7])
     assert not recommend([flat], None)["learned"] and "Weak evidence" in recommend([flat], None)["text"]

@@ -553,10 +553,11 @@ def recommend(rows: list[dict[str, Any]], gen_ratio: dict[str, Any] | None) -> d
             + ", ".join(f"{s:.1%} (PLW {w:g})" for w, s in share.items())
             + ("." if rg < 0.5 else "; with Rg this large the prompt weight changes little (the article).")
         )
-    learned = math.isnan(top[f"{key}_ci"][0]) or top[f"{key}_ci"][0] > max(r["initial_acc"] for r in rows)
+    # Learned = the best interval clears the interval of the accuracy before training (step 0).
+    learned = math.isnan(top[f"{key}_ci"][0]) or not _overlap(top[f"{key}_ci"], top["initial_acc_ci"])
     if not learned:
-        lines.insert(1, "- **Weak evidence**: no weight's interval lies above the starting accuracy (the model did not "
-                        "measurably learn the task), so this is the article's prior, not a finding of this sweep.")
+        lines.insert(1, "- **Weak evidence**: the best interval overlaps that of the accuracy before training (the "
+                        "model did not measurably learn the task), so this is the article's prior, not a finding.")
     lines.append("- Stop on the validation completion loss, not on the full-sequence loss.")
     return {"plw": choice["plw"], "tied": [r["plw"] for r in tied], "learned": learned, "text": "\n".join(lines)}
 
