@@ -635,8 +635,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[Sweep
     """One ``--field-name`` flag per config field (default None: the preset's value stays), shared by race/sweep."""
     special = {"plws", "seeds", "extra", "bf16", "packing", "answer_tokens"}
     for f in fields(config_cls):
-        if f.name not in special:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_arg_type(str(f.type)), default=None)
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.name in special:
+            continue
+        if str(f.type).startswith("bool"):  # --x/--no-x, so a False can be given (a str "False" would be true)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, dest=f.name, type=_arg_type(str(f.type)), default=None)
     parser.add_argument("--plw", type=float, nargs="+", dest="plws", help="Prompt loss weight(s) to sweep.")
     parser.add_argument("--seeds", type=int, nargs="+", help="Seeds; each weight is trained once per seed.")
     parser.add_argument("--answer-tokens", nargs="+", help="Single-token answers (e.g. A B C D): answer accuracy.")
