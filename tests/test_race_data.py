@@ -346,3 +346,21 @@ def test_data_package_import_is_light():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_synthetic_residents_short_passages_one_stated_option():
+    rows = generate_race_rows(400, seed=2, length=(20, 40), residents=1)
+    letters = Counter(r["answer"] for r in rows)
+    assert all(0.18 < letters[L] / len(rows) < 0.32 for L in ANSWER_LETTERS), letters
+    for row in rows:
+        format_race_example(row)
+        correct = row["options"]["ABCD".index(row["answer"])]
+        # exactly one option occurs in the passage: the asked person's value; the others are never stated
+        assert [_has(row["article"], o) for o in row["options"]] == [o == correct for o in row["options"]], row
+        assert len(row["article"].split()) < 60
+    two = generate_race_rows(200, seed=2, length=(20, 40), residents=2)
+    # with two residents, one distractor is in the passage too (stated for the other person)
+    assert all(sum(_has(r["article"], o) for o in r["options"]) == 2 for r in two)
+    assert generate_race_rows(30, seed=3) == generate_race_rows(30, seed=3, residents=None)  # default unchanged
+    with pytest.raises(ValueError, match="residents"):
+        generate_race_rows(2, residents=0)

@@ -9,7 +9,9 @@ from dataclasses import replace
 import pytest
 from conftest import make_tiny_llama
 
-from trl_plw.race_experiment import PRESETS, RacePreset, run_sweep, summarize, summary_markdown
+from trl_plw.cli import main
+from trl_plw.race_experiment import PRESETS, RacePreset, load_race_splits, memory_estimate
+from trl_plw.sweep import run_sweep, summarize, summary_markdown
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,8 @@ def test_two_plw_mini_sweep_end_to_end(tiny_model_dir, tmp_path):
         lora_r=4,
         plws=(1.0, 0.0),
     )
-    result = run_sweep(preset, tmp_path)
-    for name in ("metrics.csv", "summary.json", "summary.md", "race_sweep.png", "preset.json"):
+    result = run_sweep(preset, tmp_path, load_splits=load_race_splits, plot_name="race_sweep.png")
+    for name in ("metrics.csv", "summary.json", "summary.md", "race_sweep.png", "config.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     for plw in ("1", "0"):
         events = [json.loads(line) for line in (tmp_path / f"plw_{plw}" / "metrics.jsonl").read_text().splitlines()]
@@ -64,6 +66,7 @@ def test_summary_picks_accuracy_at_each_loss_minimum():
     assert row["acc_at_min_comp_loss"] == 0.40 and row["min_comp_loss_step"] == 5
     assert row["initial_acc"] == 0.25 and row["final_acc"] == 0.35 and row["train_seconds"] == 12.0
     assert "0.350 (10)" in summary_markdown([row]) and "0.400 (5)" in summary_markdown([row])
+    assert row["best_acc"] == 0.40 and row["steps_to_min_comp_loss"] == 5
 
 
 def test_paper_preset_matches_the_article():
@@ -71,6 +74,60 @@ def test_paper_preset_matches_the_article():
     assert paper.model == "meta-llama/Llama-2-7b-chat-hf" and paper.dataset == "ehovy/race"
     assert (paper.lora_r, paper.lora_alpha, paper.lora_dropout) == (64, 64, 0.1)
     assert (paper.learning_rate, paper.lr_scheduler_type, paper.warmup_ratio) == (2e-4, "constant_with_warmup", 0.05)
-    assert (paper.weight_decay, paper.max_grad_norm, paper.bf16, paper.max_length) == (0.001, 0.3, True, 2048)
+    assert (paper.weight_decay, paper.max_grad_norm, paper.max_length) == (0.001, 0.3, 2048)
     assert paper.packing and paper.plws == (1.0, 0.5, 0.2, 0.1, 0.01, 0.0)
-    assert isinstance(PRESETS["cpu-demo"], RacePreset)
+    # the article's run_plw.py: 2,000 train / 500 validation packed rows (seed 1234), 10 epochs, eval every 20
+    assert (paper.train_packed_rows, paper.eval_packed_rows, paper.subsample_seed) == (2000, 500, 1234)
+    assert (paper.num_train_epochs, paper.eval_steps, paper.batch_size) == (10, 20, 8)
+    # no preset forces bf16: None = bf16 only where native (trl_plw.precision.default_bf16)
+    assert all(p.bf16 is None for p in PRESETS.values()) and isinstance(PRESETS["cpu-demo"], RacePreset)
+    assert len(PRESETS["cpu-demo"].plws) >= 3 and PRESETS["cpu-long"].plws == paper.plws
+
+
+def test_llama2_memory_estimate_counts_lora_parameters():
+    from trl_plw.race_experiment import LLAMA2_7B_CONFIG
+
+    m = memory_estimate(LLAMA2_7B_CONFIG, PRESETS["paper"])
+    # r * (in + out) over q k v o gate up down, 32 layers, r = 64: 159.9M (the article's adapters)
+    assert m["trainable_million"] == pytest.approx(159.9, abs=0.1)
+    assert m["parameters_billion"] == pytest.approx(6.74, abs=0.01)
+    assert 15 < m["total_gib"] < 40
+
+
+@pytest.fixture(scope="module")
+def llama2_chat_tokenizer_dir(tmp_path_factory):
+    """A small BPE tokenizer (Llama-2 special tokens, metaspace like sentencepiece) with Llama-2's chat template.
+
+    Built here with `tokenizers` because the real one is gated on the Hub; its token counts differ from Llama-2's.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from trl_plw.data import generate_race_rows
+    from trl_plw.data.chat_templates import LLAMA2_CHAT_TEMPLATE
+
+    texts = [r["article"] + " " + r["question"] + " " + " ".join(r["options"]) for r in generate_race_rows(200)]
+    texts += ["Choose the correct option based on the context. Context: Question: Options: A. B. C. D. [INST] [/INST]"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1500, special_tokens=["<unk>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = LLAMA2_CHAT_TEMPLATE
+    folder = tmp_path_factory.mktemp("llama2-chat-tokenizer")
+    fast.save_pretrained(folder)
+    return str(folder)
+
+
+def test_paper_preset_dry_run(llama2_chat_tokenizer_dir, capsys):
+    argv = ["race", "--preset", "paper", "--dry-run", "--tokenizer", llama2_chat_tokenizer_dir,
+            "--train-packed-rows", "3", "--eval-packed-rows", "2"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "<s>[INST] Choose the correct option based on the context." in out
+    assert "[/INST]" in out and "</s>" in out
+    assert "packed rows of 2048: 3" in out and "packed rows of 2048: 2" in out
+    assert "Rg mean" in out and "ratio of totals" in out
+    # 3 rows / batch 8 -> 1 step per epoch, 10 epochs; evaluations at 0 and every 20 steps
+    assert "1 per epoch" in out and "10 in total" in out
+    assert "160M with grads and Adam" in out and "GiB" in out

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 # name -> (module that defines `add_cli`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "race": ("trl_plw.race_experiment", "Fine-tune on RACE-format data for one prompt-loss weight or a sweep; metrics, plots, table."),
+    "race": ("trl_plw.race_experiment", "The article's RACE experiment (presets of `sweep`): cpu-demo, cpu-long, paper (+ --dry-run)."),
+    "sweep": ("trl_plw.sweep", "Prompt-loss-weight sweep on any dataset: stopping-rule table, findings, recommended weight."),
     "sft": ("trl_plw.sft_cli", "Weighted SFT on any dataset with PLWConfig (YAML or flags, like `trl sft`)."),
     "gen-ratio": ("trl_plw.gen_ratio", "Generation ratio Rg = completion/prompt tokens of a dataset: stats and histograms."),
     "bench": ("trl_plw.bench_cli", "End-to-end training throughput and memory: PLWTrainer vs trl.SFTTrainer vs full logits."),

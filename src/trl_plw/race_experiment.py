@@ -1,78 +1,78 @@
-"""``trl-plw race``: the RACE prompt-loss-weight experiment, a sweep or a single weight.
+"""``trl-plw race``: the article's RACE prompt-loss-weight experiment, as presets of ``trl-plw sweep``.
 
-For each prompt-loss weight, fine-tune (LoRA by default, as in the article) on RACE-format multiple-choice data
-and evaluate on a schedule: prompt loss, completion loss, full-sequence loss and answer accuracy, all from the
-fused pass. Every run writes ``metrics.jsonl``; the sweep writes ``metrics.csv`` (long format, one row per logged
-event), ``summary.json``/``summary.md`` (accuracy at the minimum of each loss) and ``race_sweep.png``.
+For each prompt-loss weight, fine-tune on RACE-format multiple-choice data and evaluate on a schedule: prompt loss,
+completion loss, full-sequence loss and answer accuracy (with Wilson 95% intervals), all from the fused pass. The
+outputs are those of `trl_plw.sweep` (the stopping-rule table, steps to the completion-loss minimum, best accuracy,
+generation ratio and a recommended weight) plus ``race_sweep.png``.
 
-Two presets:
-* ``cpu-demo`` (default): the offline SmolLM2-135M and offline synthetic RACE-format data, sized so the whole
-  six-weight sweep finishes on 2 CPU cores in minutes.
-* ``paper``: the article's setup for a GPU user with network: Llama-2-7b-chat-hf, ``ehovy/race`` (all),
-  LoRA r=64/alpha=64/dropout 0.1 on all linear layers, lr 2e-4 constant with 5% warm-up, weight decay 0.001,
-  grad clip 0.3, bf16, 2048-token rows packed with correct document boundaries, flash-attention varlen if present.
+Presets:
+* ``cpu-demo`` (default, ``make demo``): the offline SmolLM2-135M on offline synthetic RACE-format data in the
+  regime chosen by the exploration in docs/results/race-exploration (short passages the 135M model learns to
+  read), three weights; measured 30.6 minutes on 2 CPU cores with native bf16 (README).
+* ``cpu-long``: the same regime at the article's six weights (about 60 minutes by the demo's per-run times).
+* ``paper``: the article's setup for a GPU user with network: Llama-2-7b-chat-hf, ``ehovy/race`` (all), 2,000
+  packed training rows and 500 packed validation rows of up to 2,048 tokens (subsampled with seed 1234, longer
+  examples dropped), 10 epochs, batch 8, evaluation every 20 steps, LoRA r=64/alpha=64/dropout 0.1 on all linear
+  layers, lr 2e-4 constant with 5% warm-up, weight decay 0.001, grad clip 0.3, bf16, packing with correct document
+  boundaries. ``--dry-run`` checks it without a GPU: it formats RACE rows through the Llama-2 chat template and
+  prints token counts, Rg, packed rows, optimizer steps and a memory estimate.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
-import time
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+import random
+import sys
+from dataclasses import dataclass, replace
 from typing import Any
 
-ARTICLE_SWEEP = (1.0, 0.5, 0.2, 0.1, 0.01, 0.0)
+from trl_plw.sweep import ARTICLE_SWEEP, SweepConfig, add_config_arguments, config_from_args, run_from_args
 
 
 @dataclass
-class RacePreset:
-    """Knobs of one experiment; presets are instances, and every field can be overridden from the CLI."""
+class RacePreset(SweepConfig):
+    """A sweep on RACE-format data; the synthetic fields apply to the offline generator only."""
 
-    model: str = "smollm2-135m"
     dataset: str = "synthetic"
-    dataset_config: str = "all"
-    # Article length (words) of the synthetic data; the CPU demo keeps passages short so six runs fit in minutes.
-    synthetic_length: str | tuple[int, int] = (60, 90)
-    train_examples: int | None = 80
-    eval_examples: int | None = 48
-    max_steps: int = -1
-    num_train_epochs: float = 1.0
-    eval_steps: int = 10
-    batch_size: int = 4
-    eval_batch_size: int = 8
-    grad_accum: int = 1
-    learning_rate: float = 1e-3
-    lr_scheduler_type: str = "constant_with_warmup"
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.001
-    max_grad_norm: float = 0.3
-    lora_r: int = 16
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    max_length: int = 1024
-    # Padded on CPU: without a varlen kernel, sdpa computes a packed row's full T^2 attention under a block mask,
-    # which costs more than the padding it saves (measured: an eval pass 6x slower packed). GPUs pack (see paper).
-    packing: bool = False
-    # bf16 autocast: ~2x faster than fp32 on CPUs with AVX512-BF16 (measured here); the loss accumulates in fp32.
-    bf16: bool = True
-    gradient_checkpointing: bool = False
-    loss_normalization: str = "weights"
-    seed: int = 0
-    plws: tuple[float, ...] = ARTICLE_SWEEP
-    extra: dict[str, Any] = field(default_factory=dict)
+    dataset_config: str | None = "all"
+    answer_tokens: tuple[str, ...] | None = ("A", "B", "C", "D")
+    # Article length (words) and people per article of the synthetic data (see docs/DATA.md).
+    synthetic_length: str | tuple[int, int] = (20, 40)
+    synthetic_residents: int | tuple[int, int] | None = 1
+    # The article's subsampling: whole packed rows of `max_length` tokens, drawn with `subsample_seed` after
+    # dropping examples longer than a row. None: `train_examples`/`eval_examples` examples instead.
+    train_packed_rows: int | None = None
+    eval_packed_rows: int | None = None
+    subsample_seed: int = 1234
 
+
+_CPU = dict(
+    train_examples=400,
+    eval_examples=200,
+    batch_size=8,
+    eval_batch_size=50,
+    learning_rate=2e-3,
+    lora_r=32,
+    lora_alpha=32,
+    max_length=512,
+    max_steps=60,
+    eval_steps=20,
+)
+"""The regime of docs/results/race-exploration (#5): accuracy 0.165 -> 0.85 [0.79, 0.89] at PLW 0.1 in 60 steps."""
 
 PRESETS: dict[str, RacePreset] = {
-    "cpu-demo": RacePreset(),
+    "cpu-demo": RacePreset(**_CPU, plws=(1.0, 0.1, 0.0)),
+    "cpu-long": RacePreset(**_CPU, plws=ARTICLE_SWEEP),
     "paper": RacePreset(
         model="meta-llama/Llama-2-7b-chat-hf",
         dataset="ehovy/race",
+        synthetic_length="mixed",
+        synthetic_residents=None,
         train_examples=None,
-        eval_examples=2000,
-        max_steps=-1,
+        eval_examples=None,
+        train_packed_rows=2000,
+        eval_packed_rows=500,
         num_train_epochs=10,
         eval_steps=20,
         batch_size=8,
@@ -83,12 +83,258 @@ PRESETS: dict[str, RacePreset] = {
         lora_dropout=0.1,
         max_length=2048,
         packing=True,
-        bf16=True,
         gradient_checkpointing=True,
     ),
 }
 
 
+# ---------------------------------------------------------------------------------------------------------- data
+def _load(preset: RacePreset, split: str, n: int | None, seed: int):
+    from trl_plw.data.race import load_race
+
+    extra = (
+        {"length": preset.synthetic_length, "residents": preset.synthetic_residents}
+        if preset.dataset in ("synthetic", "race-synthetic")
+        else {}
+    )
+    return load_race(preset.dataset, config=preset.dataset_config or "all", split=split, n=n, seed=seed, **extra)
+
+
+def select_packed_rows(dataset, tokenizer, max_length: int, n_rows: int, seed: int) -> tuple[Any, dict[str, Any]]:
+    """The article's subsample: the examples of ``n_rows`` packed rows of ``max_length`` tokens.
+
+    The article tokenizes, drops examples longer than a row, packs everything and keeps a random ``n_rows`` of the
+    packed rows. Equivalent in distribution and far cheaper: shuffle the examples with ``seed`` and fill rows in
+    that order (first fit over the open rows) until ``n_rows`` rows are full; only the examples needed are
+    tokenized. Returns the selected examples and the counts (examples, dropped, rows, fill).
+    """
+    from trl_plw.gen_ratio import compute_token_lengths
+
+    order = list(range(len(dataset)))
+    random.Random(seed).shuffle(order)
+    rows: list[int] = []  # tokens used per row
+    chosen: list[int] = []
+    dropped = seen = 0
+    chunk = 512
+    for start in range(0, len(order), chunk):
+        idx = order[start : start + chunk]
+        prompt, completion = compute_token_lengths(dataset.select(idx), tokenizer)
+        for i, length in zip(idx, (prompt + completion).tolist(), strict=True):
+            seen += 1
+            if length > max_length:
+                dropped += 1
+                continue
+            slot = next((r for r, used in enumerate(rows) if used + length <= max_length), None)
+            if slot is None:
+                if len(rows) == n_rows:
+                    break
+                rows.append(0)
+                slot = len(rows) - 1
+            rows[slot] += length
+            chosen.append(i)
+        else:
+            continue
+        break
+    stats = {
+        "examples_read": seen,
+        "examples_dropped_too_long": dropped,
+        "examples": len(chosen),
+        "packed_rows": len(rows),
+        "fill": sum(rows) / (len(rows) * max_length) if rows else math.nan,
+    }
+    return dataset.select(chosen), stats
+
+
+def load_race_splits(preset: RacePreset, seed: int = 0, tokenizer: Any | None = None):
+    """Train and validation sets of a RACE preset: synthetic, Hub or local, subsampled as the preset says."""
+    train = _load(preset, "train", preset.train_examples, seed)
+    evaluation = _load(preset, "validation", preset.eval_examples, seed)
+    if preset.train_packed_rows or preset.eval_packed_rows:
+        if tokenizer is None:
+            from trl_plw.models import load_tokenizer
+
+            tokenizer = load_tokenizer(preset.model)
+        if preset.train_packed_rows:
+            train, _ = select_packed_rows(train, tokenizer, preset.max_length, preset.train_packed_rows,
+                                          preset.subsample_seed)  # fmt: skip
+        if preset.eval_packed_rows:
+            evaluation, _ = select_packed_rows(evaluation, tokenizer, preset.max_length, preset.eval_packed_rows,
+                                               preset.subsample_seed)  # fmt: skip
+    return train, evaluation
+
+
+# ---------------------------------------------------------------------------------------------------------- dry run
+LLAMA2_7B_CONFIG = dict(
+    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+    vocab_size=32000,
+)  # fmt: skip
+"""meta-llama/Llama-2-7b-chat-hf's config.json sizes, for the memory estimate when the Hub is out of reach."""
+
+
+def _model_sizes(model: str) -> tuple[dict[str, int], str]:
+    try:
+        from transformers import AutoConfig
+
+        from trl_plw.models import resolve_model_path
+
+        cfg = AutoConfig.from_pretrained(resolve_model_path(model))
+        keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        sizes = {k: int(getattr(cfg, k)) for k in keys}
+        sizes["num_key_value_heads"] = int(getattr(cfg, "num_key_value_heads", None) or sizes["num_attention_heads"])
+        return sizes, "model config"
+    except Exception:  # noqa: BLE001 - any failure to reach the config falls back to the known sizes
+        if "llama-2-7b" in model.lower():
+            return dict(LLAMA2_7B_CONFIG), "Llama-2-7b sizes built in (config unreachable)"
+        raise
+
+
+def memory_estimate(sizes: dict[str, int], preset: RacePreset) -> dict[str, float]:
+    """GiB per device for LoRA (or full) training with bf16 weights; an estimate, stated term by term.
+
+    * weights: 2 bytes per parameter (bf16);
+    * trainable parameters (LoRA adapters on every linear layer, or all): fp32 value + grad + 2 Adam moments, 16 B;
+    * activations with gradient checkpointing: each layer's input kept (2 B x tokens x hidden) plus one layer's
+      recomputed activations at a time (~34 x tokens x hidden bytes, Korthikanti et al. 2022, flash attention so no
+      T^2 term); without checkpointing every layer's.
+    * logits: the fused loss never builds [tokens, vocab]; shown is what a full-logits fp32 loss would add.
+    """
+    h, i, n_layers, v = sizes["hidden_size"], sizes["intermediate_size"], sizes["num_hidden_layers"], sizes["vocab_size"]
+    kv = h * sizes["num_key_value_heads"] // sizes["num_attention_heads"]
+    linear_shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # q k v o gate up down
+    params = n_layers * (sum(a * b for a, b in linear_shapes) + 2 * h) + 2 * v * h + h
+    trainable = n_layers * sum(preset.lora_r * (a + b) for a, b in linear_shapes) if preset.lora_r > 0 else params
+    tokens = preset.batch_size * preset.max_length
+    per_layer = 34 * tokens * h
+    if preset.gradient_checkpointing:
+        activations = n_layers * 2 * tokens * h + per_layer
+    else:
+        activations = n_layers * per_layer
+    gib = 1024**3
+    out = {
+        "parameters_billion": params / 1e9,
+        "trainable_million": trainable / 1e6,
+        "weights_gib": 2 * params / gib,
+        "trainable_states_gib": 16 * trainable / gib,
+        "activations_gib": activations / gib,
+        "full_logits_fp32_gib_avoided": 4 * tokens * v / gib,
+    }
+    out["total_gib"] = out["weights_gib"] + out["trainable_states_gib"] + out["activations_gib"]
+    return out
+
+
+def _dry_run_tokenizer(preset: RacePreset, name: str | None) -> tuple[Any, str]:
+    """The model's tokenizer; offline, the SmolLM2 tokenizer wearing the Llama-2 chat template (approximate)."""
+    from trl_plw.models import load_tokenizer
+
+    try:
+        return load_tokenizer(name or preset.model), name or preset.model
+    except Exception as err:  # noqa: BLE001 - Hub unreachable, gated model, missing folder: all fall back
+        if name is not None:
+            raise
+        from trl_plw.data.chat_templates import LLAMA2_CHAT_TEMPLATE
+
+        tokenizer = load_tokenizer("smollm2-135m")
+        tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
+        note = (
+            f"{preset.model} unreachable ({type(err).__name__}); token counts from the offline SmolLM2 tokenizer "
+            "with the Llama-2 chat template set on it: the template is exact, the counts approximate"
+        )
+        return tokenizer, note
+
+
+def _dry_run_data(preset: RacePreset) -> tuple[Any, Any, str]:
+    try:
+        train, evaluation = _load(preset, "train", preset.train_examples, 0), _load(preset, "validation", None, 0)
+        return train, evaluation, preset.dataset
+    except Exception as err:  # noqa: BLE001 - Hub unreachable: the synthetic rows follow the same schema
+        synthetic = replace(preset, dataset="synthetic", synthetic_length="mixed", synthetic_residents=None)
+        n_train = 12 * (preset.train_packed_rows or 100)  # enough rows to fill the packed rows of 2,048 tokens
+        n_eval = 12 * (preset.eval_packed_rows or 100)
+        note = f"{preset.dataset} unreachable ({type(err).__name__}); synthetic RACE rows in the same Hub schema"
+        return _load(synthetic, "train", n_train, 0), _load(synthetic, "validation", n_eval, 0), note
+
+
+def dry_run(preset: RacePreset, tokenizer_name: str | None = None, world_size: int = 1) -> dict[str, Any]:
+    """Everything the preset would train on and what it would cost, without a model or a GPU. Prints a report."""
+    import numpy as np
+
+    from trl_plw.gen_ratio import compute_generation_ratios, summarize_ratios
+
+    tokenizer, tok_note = _dry_run_tokenizer(preset, tokenizer_name)
+    train, evaluation, data_note = _dry_run_data(preset)
+    example = train[0]
+    rendered = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
+    report: dict[str, Any] = {"tokenizer": tok_note, "data": data_note, "example": rendered}
+    splits = {}
+    for name, data, n_rows, n_examples in (
+        ("train", train, preset.train_packed_rows, preset.train_examples),
+        ("eval", evaluation, preset.eval_packed_rows, preset.eval_examples),
+    ):
+        if n_rows:
+            data, stats = select_packed_rows(data, tokenizer, preset.max_length, n_rows, preset.subsample_seed)
+        else:
+            data = data.select(range(min(len(data), n_examples or len(data))))
+            stats = {"examples": len(data)}
+        ratios = compute_generation_ratios(data, tokenizer)
+        lengths = ratios.prompt_lengths + ratios.completion_lengths
+        stats.update(
+            prompt_tokens_mean=float(np.mean(ratios.prompt_lengths)),
+            completion_tokens_mean=float(np.mean(ratios.completion_lengths)),
+            tokens_max=int(lengths.max()),
+            rg=summarize_ratios(ratios),
+        )
+        if not n_rows:
+            stats["packed_rows"] = len(data) if not preset.packing else math.ceil(lengths.sum() / preset.max_length)
+        splits[name] = stats
+    report["splits"] = splits
+    rows = splits["train"]["packed_rows"]
+    steps_per_epoch = math.ceil(rows / (preset.batch_size * preset.grad_accum * world_size))
+    total = preset.max_steps if preset.max_steps > 0 else math.ceil(steps_per_epoch * preset.num_train_epochs)
+    report["optimizer_steps"] = {"per_epoch": steps_per_epoch, "total": total,
+                                 "evaluations": total // preset.eval_steps + 1}  # fmt: skip
+    sizes, sizes_note = _model_sizes(preset.model)
+    report["memory"] = {**memory_estimate(sizes, preset), "sizes": sizes_note}
+    print(format_dry_run(preset, report))
+    return report
+
+
+def format_dry_run(preset: RacePreset, report: dict[str, Any]) -> str:
+    m, s = report["memory"], report["optimizer_steps"]
+    lines = [
+        f"trl-plw race --dry-run: model {preset.model}, {len(preset.plws)} weights {list(preset.plws)}",
+        f"  tokenizer: {report['tokenizer']}",
+        f"  data: {report['data']}",
+        "  one formatted row (chat template, article cut to 300 characters):",
+    ]
+    text = report["example"]
+    start = text.find("Context:")
+    shown = text if start < 0 else text[: start + 308] + " [...] " + text[text.find("\nQuestion:") :]
+    lines += ["    | " + line for line in shown.splitlines()]
+    for name, st in report["splits"].items():
+        rg = st["rg"]
+        line = (
+            f"  {name}: {st['examples']} examples, prompt {st['prompt_tokens_mean']:.1f} tokens mean, completion "
+            f"{st['completion_tokens_mean']:.1f}, longest {st['tokens_max']}; Rg mean {rg['mean']:.4g}, ratio of "
+            f"totals {rg['ratio_of_totals']:.4g}; packed rows of {preset.max_length}: {st['packed_rows']}"
+        )
+        if "examples_dropped_too_long" in st:
+            line += f" (fill {st['fill']:.1%}, {st['examples_dropped_too_long']} longer examples dropped)"
+        lines.append(line)
+    lines.append(
+        f"  optimizer steps: {s['per_epoch']} per epoch (batch {preset.batch_size} x accumulation "
+        f"{preset.grad_accum}), {s['total']} in total, {s['evaluations']} evaluations (every {preset.eval_steps})"
+    )
+    lines.append(
+        f"  memory estimate per GPU ({m['sizes']}): {m['parameters_billion']:.2f}B parameters, weights "
+        f"{m['weights_gib']:.1f} GiB + trainable {m['trainable_million']:.0f}M with grads and Adam "
+        f"{m['trainable_states_gib']:.1f} GiB + activations {m['activations_gib']:.1f} GiB"
+        f" = {m['total_gib']:.1f} GiB (+ framework overhead); full fp32 logits would add "
+        f"{m['full_logits_fp32_gib_avoided']:.1f} GiB, which the fused loss never builds"
+    )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "race",
@@ -97,263 +343,26 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-demo")
-    p.add_argument("--plw", type=float, nargs="+", dest="plws", help="Prompt loss weight(s); default: the article's sweep.")
+    add_config_arguments(p, RacePreset)
     p.add_argument("--output-dir", default="runs/race")
-    for name, kind in (
-        ("model", str),
-        ("dataset", str),
-        ("dataset-config", str),
-        ("train-examples", int),
-        ("eval-examples", int),
-        ("max-steps", int),
-        ("eval-steps", int),
-        ("batch-size", int),
-        ("grad-accum", int),
-        ("learning-rate", float),
-        ("lora-r", int),
-        ("max-length", int),
-        ("loss-normalization", str),
-        ("seed", int),
-    ):
-        p.add_argument(f"--{name}", type=kind, default=None)
-    p.add_argument(
-        "--synthetic-length", type=lambda v: tuple(int(x) for x in v.split(",")) if "," in v else v, default=None,
-        help="Synthetic article length: short/medium/long/mixed or MIN,MAX words.",
-    )
-    p.add_argument(
-        "--packing", action=argparse.BooleanOptionalAction, default=None,
-        help="Pack rows (BFD, padding-free). Default: off in cpu-demo, on in paper.",
-    )
-    p.add_argument("--bf16", action="store_true", default=None)
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="Format, count and estimate; train nothing.")
+    p.add_argument("--tokenizer", default=None, help="Dry run: tokenizer folder or id (default: the model's).")
     p.set_defaults(func=run)
 
 
 def preset_from_args(args: argparse.Namespace) -> RacePreset:
-    preset = PRESETS[args.preset]
-    overrides = {
-        key: value
-        for key, value in vars(args).items()
-        if key in RacePreset.__dataclass_fields__ and value is not None
-    }
-    if "plws" in overrides:
-        overrides["plws"] = tuple(overrides["plws"])
-    return replace(preset, **overrides)
+    return config_from_args(PRESETS[args.preset], args)
 
 
 def run(args: argparse.Namespace) -> int:
     preset = preset_from_args(args)
-    results = run_sweep(preset, Path(args.output_dir), plots=not args.no_plots)
-    print(results["table_markdown"])
-    print(f"\nWrote {args.output_dir}/summary.md, metrics.csv" + ("" if args.no_plots else ", race_sweep.png"))
-    return 0
+    if args.dry_run:
+        dry_run(preset, args.tokenizer)
+        return 0
+    return run_from_args(preset, args, load_splits=load_race_splits, plot_name="race_sweep.png")
 
 
-# ---------------------------------------------------------------------------------------------------------- runs
-def build_config(preset: RacePreset, plw: float, output_dir: Path):
-    import torch
+if __name__ == "__main__":
+    from trl_plw.cli import main
 
-    from trl_plw.trainer import PLWConfig
-
-    return PLWConfig(
-        output_dir=str(output_dir),
-        prompt_loss_weight=plw,
-        loss_normalization=preset.loss_normalization,
-        max_steps=preset.max_steps,
-        num_train_epochs=preset.num_train_epochs,
-        per_device_train_batch_size=preset.batch_size,
-        per_device_eval_batch_size=preset.eval_batch_size,
-        gradient_accumulation_steps=preset.grad_accum,
-        learning_rate=preset.learning_rate,
-        lr_scheduler_type=preset.lr_scheduler_type,
-        warmup_steps=preset.warmup_ratio,
-        weight_decay=preset.weight_decay,
-        max_grad_norm=preset.max_grad_norm,
-        max_length=preset.max_length,
-        packing=preset.packing,
-        eval_strategy="steps",
-        eval_steps=preset.eval_steps,
-        eval_on_start=True,
-        logging_steps=max(1, preset.eval_steps // 2),
-        save_strategy="no",
-        report_to="none",
-        bf16=preset.bf16,
-        gradient_checkpointing=preset.gradient_checkpointing,
-        use_cpu=not torch.cuda.is_available(),
-        seed=preset.seed,
-        data_seed=preset.seed,
-        answer_tokens=["A", "B", "C", "D"],
-        dataloader_num_workers=0,
-        **preset.extra,
-    )
-
-
-def _lora_config(preset: RacePreset):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=preset.lora_r,
-        lora_alpha=preset.lora_alpha,
-        lora_dropout=preset.lora_dropout,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
-
-
-def run_one(preset: RacePreset, plw: float, output_dir: Path, datasets=None) -> list[dict[str, Any]]:
-    """Train and evaluate one prompt-loss weight; returns the logged events (also written as JSONL)."""
-    import torch
-    from transformers import TrainerCallback
-
-    from trl_plw.models import load_model, load_tokenizer
-    from trl_plw.trainer import PLWTrainer
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    train, evaluation = datasets if datasets is not None else load_race_splits(preset)
-    events: list[dict[str, Any]] = []
-    log_path = output_dir / "metrics.jsonl"
-    log_path.write_text("")
-
-    class Recorder(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            event = {"plw": plw, "step": state.global_step, **(logs or {})}
-            events.append(event)
-            with log_path.open("a") as f:
-                f.write(json.dumps(event) + "\n")
-
-    from trl_plw.attention import select_attn_implementation
-
-    dtype = torch.bfloat16 if preset.bf16 else torch.float32
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    attention = select_attn_implementation(device, packed=preset.packing)
-    model = load_model(preset.model, dtype=dtype, attn_implementation=attention)
-    trainer = PLWTrainer(
-        model,
-        args=build_config(preset, plw, output_dir),
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=load_tokenizer(preset.model),
-        peft_config=_lora_config(preset) if preset.lora_r > 0 else None,
-        callbacks=[Recorder()],
-    )
-    start = time.perf_counter()
-    trainer.train()
-    events.append({"plw": plw, "step": trainer.state.global_step, "wall_seconds": time.perf_counter() - start})
-    return events
-
-
-def load_race_splits(preset: RacePreset):
-    from trl_plw.data.race import load_race
-
-    extra = {"length": preset.synthetic_length} if preset.dataset == "synthetic" else {}
-    common = dict(config=preset.dataset_config, seed=preset.seed, **extra)
-    train = load_race(preset.dataset, split="train", n=preset.train_examples, **common)
-    evaluation = load_race(preset.dataset, split="validation", n=preset.eval_examples, **common)
-    return train, evaluation
-
-
-def run_sweep(preset: RacePreset, output_dir: Path, plots: bool = True) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "preset.json").write_text(json.dumps(asdict(preset), indent=1))
-    datasets = load_race_splits(preset)
-    all_events: list[dict[str, Any]] = []
-    for plw in tqdm(preset.plws, desc="PLW sweep", unit="run"):
-        all_events += run_one(preset, plw, output_dir / f"plw_{plw:g}", datasets)
-    write_csv(all_events, output_dir / "metrics.csv")
-    summary = summarize(all_events, preset.plws)
-    table = summary_markdown(summary)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    (output_dir / "summary.md").write_text(table + "\n")
-    if plots:
-        plot_sweep(all_events, preset.plws, output_dir / "race_sweep.png")
-    return {"summary": summary, "table_markdown": table, "events": all_events}
-
-
-# ---------------------------------------------------------------------------------------------------------- reports
-def write_csv(events: list[dict[str, Any]], path: Path) -> None:
-    keys: list[str] = []
-    for event in events:
-        keys += [k for k in event if k not in keys]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(events)
-
-
-def eval_events(events: list[dict[str, Any]], plw: float) -> list[dict[str, Any]]:
-    return [e for e in events if e["plw"] == plw and "eval_completion_loss" in e]
-
-
-def summarize(events: list[dict[str, Any]], plws: tuple[float, ...]) -> list[dict[str, Any]]:
-    """Per PLW: answer accuracy at the step of minimum full-sequence loss and of minimum completion loss (the
-    article's comparison of stopping rules), plus the final and best values."""
-    rows = []
-    for plw in plws:
-        evals = eval_events(events, plw)
-        if not evals:
-            continue
-        row: dict[str, Any] = {"plw": plw}
-        for loss_key, label in (("eval_sequence_loss", "seq"), ("eval_completion_loss", "comp")):
-            candidates = [e for e in evals if loss_key in e]
-            if candidates:
-                best = min(candidates, key=lambda e: e[loss_key])
-                row[f"min_{label}_loss"] = best[loss_key]
-                row[f"min_{label}_loss_step"] = best["step"]
-                row[f"acc_at_min_{label}_loss"] = best.get("eval_answer_accuracy", math.nan)
-        first, last = evals[0], evals[-1]
-        row["initial_acc"] = first.get("eval_answer_accuracy", math.nan)
-        row["final_acc"] = last.get("eval_answer_accuracy", math.nan)
-        row["final_prompt_loss"] = last.get("eval_prompt_loss", math.nan)
-        row["final_completion_loss"] = last.get("eval_completion_loss", math.nan)
-        wall = [e["wall_seconds"] for e in events if e["plw"] == plw and "wall_seconds" in e]
-        row["train_seconds"] = wall[-1] if wall else math.nan
-        rows.append(row)
-    return rows
-
-
-def summary_markdown(rows: list[dict[str, Any]]) -> str:
-    header = (
-        "| PLW | acc @ min seq loss (step) | acc @ min completion loss (step) | initial acc | final acc | "
-        "final prompt loss | final completion loss | train s |\n|---|---|---|---|---|---|---|---|"
-    )
-    lines = [header]
-    for r in rows:
-        lines.append(
-            f"| {r['plw']:g} | {r.get('acc_at_min_seq_loss', math.nan):.3f} ({r.get('min_seq_loss_step', '-')}) "
-            f"| {r.get('acc_at_min_comp_loss', math.nan):.3f} ({r.get('min_comp_loss_step', '-')}) "
-            f"| {r['initial_acc']:.3f} | {r['final_acc']:.3f} | {r['final_prompt_loss']:.3f} "
-            f"| {r['final_completion_loss']:.4f} | {r['train_seconds']:.0f} |"
-        )
-    return "\n".join(lines)
-
-
-def plot_sweep(events: list[dict[str, Any]], plws: tuple[float, ...], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = (
-        ("eval_prompt_loss", "validation prompt loss"),
-        ("eval_completion_loss", "validation completion loss"),
-        ("eval_sequence_loss", "validation full-sequence loss"),
-        ("eval_answer_accuracy", "answer accuracy (A-D)"),
-    )
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
-    colors = plt.cm.viridis([i / max(1, len(plws) - 1) for i in range(len(plws))])
-    for ax, (key, title) in zip(axes.flat, panels, strict=True):
-        for plw, color in zip(plws, colors, strict=True):
-            points = [(e["step"], e[key]) for e in eval_events(events, plw) if key in e]
-            if points:
-                xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, marker="o", ms=3, color=color, label=f"PLW={plw:g}")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    for ax in axes[1]:
-        ax.set_xlabel("optimizer step")
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    sys.exit(main(["race", *sys.argv[1:]]))

@@ -275,6 +275,7 @@ def load_race(
     tokenizer: Any | None = None,
     keep_metadata: bool = False,
     length: str | tuple[int, int] | None = None,
+    residents: int | tuple[int, int] | None = None,
     num_proc: int | None = None,
     **load_kwargs: Any,
 ):
@@ -296,6 +297,7 @@ def load_race(
         keep_metadata: keep the source's `METADATA_COLUMNS` (``example_id``, ``answer``, ...) next to
             ``prompt``/``completion``.
         length: synthetic only: overrides the length range chosen by ``config`` (see `LENGTH_PRESETS`).
+        residents: synthetic only: people per article (see `generate_race_rows`); default 4-7.
         num_proc: processes for ``Dataset.map`` (Hub and local sources).
         **load_kwargs: forwarded to ``datasets.load_dataset`` (``revision``, ``cache_dir``, ...).
     """
@@ -312,6 +314,7 @@ def load_race(
             seed=seed,
             length=SYNTHETIC_CONFIG_LENGTHS[config] if length is None else length,
             split=split,
+            residents=residents,
         )
         examples = []
         for row in rows:

@@ -290,18 +290,41 @@ def _resolve_length(length: str | tuple[int, int]) -> tuple[int, int]:
             )
         return LENGTH_PRESETS[length]
     lo, hi = (int(v) for v in length)
-    if not 60 <= lo <= hi:
-        raise ValueError(f"length range must satisfy 60 <= min_words <= max_words, got {length!r}")
+    if not 1 <= lo <= hi:
+        raise ValueError(f"length range must satisfy 1 <= min_words <= max_words, got {length!r}")
     return lo, hi
 
 
-def _make_row(rng: random.Random, words: tuple[int, int], question_types: Sequence[str]) -> dict[str, object]:
+def _resolve_residents(residents: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    if residents is None:
+        return None
+    lo, hi = (residents, residents) if isinstance(residents, int) else (int(v) for v in residents)
+    if not 1 <= lo <= hi <= len(FIRST_NAMES) - 3:
+        raise ValueError(f"residents must be an int or (min, max) with 1 <= min <= max, got {residents!r}")
+    return lo, hi
+
+
+def _make_row(
+    rng: random.Random,
+    words: tuple[int, int],
+    question_types: Sequence[str],
+    residents: tuple[int, int] | None = None,
+) -> tuple[dict[str, object], list[str]]:
+    """One row and the options that must *not* occur in its article (distractors drawn from outside it)."""
     target = rng.randint(*words)
-    # More people in longer articles (4 always: the answer plus three distractors, all in the passage).
-    n_people = rng.randint(4, max(4, min(7, 4 + (target - 80) // 70)))
-    places = _place_names(rng, n_people + 1)
+    if residents is None:
+        # More people in longer articles (4 always: the answer plus three distractors, all in the passage).
+        n_people = rng.randint(4, max(4, min(7, 4 + (target - 80) // 70)))
+    else:
+        n_people = rng.randint(*residents)
+    # With fewer than 4 residents, the missing distractors are the attribute values of "absent" people: drawn
+    # from the same table (so they are plausible, distinct values of the asked attribute) but never written into
+    # the article, so exactly one option occurs in the passage attached to the asked person.
+    n_absent = max(0, 4 - n_people)
+    places = _place_names(rng, n_people + n_absent + 1)
     town, cities = places[0], places[1:]
-    people = _draw_people(rng, n_people, cities)
+    everyone = _draw_people(rng, n_people + n_absent, cities)
+    people, absent = everyone[:n_people], everyone[n_people:]
     kind = rng.choice(_SETTING_KINDS)
 
     # Question type first (uniform over the allowed types), then one of its forms.
@@ -309,7 +332,7 @@ def _make_row(rng: random.Random, words: tuple[int, int], question_types: Sequen
     _, q_attr, q_template, answer_kind = rng.choice([q for q in _QUESTIONS if q[0] == qtype])
     target_idx = rng.randrange(n_people)
     others = [i for i in range(n_people) if i != target_idx]
-    distractor_idx = rng.sample(others, 3)
+    distractor_idx = rng.sample(others, min(3, len(others)))
 
     # Which facts are stated: the asked attribute for everyone (so the three distractors also occur in the
     # passage), then further facts drawn at random until the article reaches its target length.
@@ -353,25 +376,31 @@ def _make_row(rng: random.Random, words: tuple[int, int], question_types: Sequen
     question = q_template.format(ref=ref, **{k: v for k, v in _fields(target_person, town).items() if k != "ref"})
     answer_text = _value_of(target_person, answer_kind)
     distractors = [_value_of(people[i], answer_kind) for i in distractor_idx]
+    absent_values = [_value_of(p, answer_kind) for p in absent]
+    if absent_values:  # in-passage and absent distractors take uniformly random slots
+        distractors += absent_values
+        rng.shuffle(distractors)
     letter_idx = rng.randrange(4)
     options = distractors[:letter_idx] + [answer_text] + distractors[letter_idx:]
-    return {
+    row = {
         "article": article,
         "question": question,
         "options": options,
         "answer": ANSWER_LETTERS[letter_idx],
         "question_type": qtype,
     }
+    return row, absent_values
 
 
-def _is_clean(row: dict[str, object]) -> bool:
+def _is_clean(row: dict[str, object], absent: Sequence[str] = ()) -> bool:
     options = row["options"]
     assert isinstance(options, list)
     question, article = _normalize(str(row["question"])), _normalize(str(row["article"]))
     if len(set(o.lower() for o in options)) != 4:
         return False
-    # No option may be named by the question itself, and every option must occur in the article.
-    return all(not _mentions(question, o) and _mentions(article, o) for o in options)
+    # No option may be named by the question itself; every option but the absent distractors must occur in the
+    # article, and the absent ones must not (else they could be the stated value of someone else).
+    return all(not _mentions(question, o) and _mentions(article, o) != (o in absent) for o in options)
 
 
 def generate_race_rows(
@@ -382,6 +411,7 @@ def generate_race_rows(
     question_types: Sequence[str] | None = None,
     split: str = "train",
     start: int = 0,
+    residents: int | tuple[int, int] | None = None,
 ) -> list[dict[str, object]]:
     """Generate ``n`` RACE-schema rows.
 
@@ -395,6 +425,10 @@ def generate_race_rows(
         question_types: subset of ``QUESTION_TYPES`` to draw from (default: all).
         split: name mixed into the random stream and the ids, so ``train``/``validation``/``test`` differ.
         start: index of the first row (to extend an existing set without regenerating it).
+        residents: number of people in each article, an int or a ``(min, max)`` range (default: 4-7, more in
+            longer articles). Below 4, the missing distractors are values of the asked attribute that the article
+            never states, so the question is answered by finding the one option the passage attributes to the
+            person asked about. Fewer residents make the lookup easier for a small model (fewer competing facts).
 
     Returns:
         A list of dicts with ``example_id, article, question, options (4 str), answer ("A".."D"), question_type``.
@@ -402,16 +436,20 @@ def generate_race_rows(
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     words = _resolve_length(length)
+    people_range = _resolve_residents(residents)
     types = tuple(question_types) if question_types is not None else QUESTION_TYPES
     unknown = set(types) - set(QUESTION_TYPES)
     if unknown or not types:
         raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES}, got {question_types!r}")
     rows = []
     for index in range(start, start + n):
-        rng = random.Random(f"trl-plw-synthetic-race:{seed}:{split}:{words[0]}-{words[1]}:{index}")
+        stream = f"trl-plw-synthetic-race:{seed}:{split}:{words[0]}-{words[1]}:{index}"
+        if people_range is not None:
+            stream += f":residents={people_range[0]}-{people_range[1]}"
+        rng = random.Random(stream)
         for _ in range(100):
-            row = _make_row(rng, words, types)
-            if _is_clean(row):
+            row, absent = _make_row(rng, words, types, people_range)
+            if _is_clean(row, absent):
                 break
         else:  # pragma: no cover - the checks fail only on rare word collisions
             raise RuntimeError(f"could not draw a clean synthetic row for index {index}")

@@ -1,0 +1,708 @@
+"""``trl-plw sweep``: which prompt-loss weight for *my* data? The article's sweep for any dataset.
+
+For each prompt-loss weight (and seed), fine-tune on the user's dataset and evaluate on a schedule: prompt loss,
+completion loss, full-sequence loss and (with ``--answer-tokens``) answer accuracy, all from the fused pass. The
+outputs are the article's three findings, each with its uncertainty:
+
+1. the stopping-rule table: accuracy at the minimum of the validation full-sequence loss vs at the minimum of the
+   completion loss, per weight (the article: prompt loss dominates the full-sequence loss, so stopping on it is
+   worse);
+2. steps to the minimum of the completion loss, per weight (the article: small weights get there sooner);
+3. the best accuracy, per weight (the article: small weights reach a higher best accuracy).
+
+Accuracies come with Wilson 95% intervals over the evaluation items (pooled over seeds), so a difference can be read
+against the noise of a finite evaluation set. The command also measures the generation ratio Rg of the training data
+and recommends a weight, with the evidence for it (the article's closing advice, turned into a measurement).
+
+Outputs in ``--output-dir``: ``config.json``; per run ``[seed_S/]plw_W/metrics.jsonl`` and ``done.json``;
+``metrics.csv`` (long format), ``summary.json``/``summary.md`` and a plot. A killed sweep is resumable: rerunning the
+same command skips every run that has its ``done.json`` and continues with the weights not yet done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ARTICLE_SWEEP = (1.0, 0.5, 0.2, 0.1, 0.01, 0.0)
+Z_95 = 1.959963984540054
+
+
+@dataclass
+class SweepConfig:
+    """Knobs of one sweep; every field can be overridden from the command line (``--field-name``)."""
+
+    model: str = "smollm2-135m"
+    dataset: str = ""
+    dataset_config: str | None = None
+    train_split: str = "train"
+    # None: hold out `eval_examples` rows of the training split (a single local file has one split).
+    eval_split: str | None = None
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str | None = None
+    text_column: str | None = None
+    # Plain-text data: where the completion starts (and, for multi-turn text, where a prompt starts).
+    response_template: str | None = None
+    instruction_template: str | None = None
+    # Single-token answers (e.g. A B C D): enables per-example answer accuracy and its confidence intervals.
+    answer_tokens: tuple[str, ...] | None = None
+    train_examples: int | None = None
+    eval_examples: int | None = 200
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    eval_steps: int = 20
+    batch_size: int = 8
+    eval_batch_size: int = 32
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    lr_scheduler_type: str = "constant_with_warmup"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.001
+    max_grad_norm: float = 0.3
+    # LoRA rank on all linear layers; 0 = full fine-tuning.
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    max_length: int = 1024
+    # Padded on CPU: without a varlen kernel, sdpa computes a packed row's full T^2 attention under a block mask,
+    # which costs more than the padding it saves (measured: an eval pass 6x slower packed). GPUs pack.
+    packing: bool = False
+    # None: bf16 only where it is native (accelerators with bf16, CPUs with AVX512-BF16/AMX/Arm BF16), else fp32;
+    # emulated bf16 is ~3x slower than fp32 on CPU (trl_plw.precision).
+    bf16: bool | None = None
+    gradient_checkpointing: bool = False
+    loss_normalization: str = "weights"
+    seeds: tuple[int, ...] = (0,)
+    plws: tuple[float, ...] = ARTICLE_SWEEP
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+def load_sweep_splits(config: SweepConfig, seed: int = 0):
+    """Train and evaluation sets of a user's dataset, as the trainer takes them.
+
+    RACE-schema tables (article, question, options, answer) are formatted with the RACE template; prompt-completion,
+    ``messages`` and text columns pass through unchanged (PLWTrainer applies chat and response templates). Without
+    an ``eval_split``, ``eval_examples`` rows are held out of the training split, drawn with ``seed``.
+    """
+    from trl_plw.data.race import format_race_example, load_raw_dataset
+
+    raw = load_raw_dataset(config.dataset, config.dataset_config, config.train_split)
+    raw_eval = load_raw_dataset(config.dataset, config.dataset_config, config.eval_split) if config.eval_split else None
+
+    def prepare(table):
+        columns = table.column_names
+        if config.text_column is not None:
+            return table.select_columns([config.text_column]).rename_columns(
+                {config.text_column: "text"} if config.text_column != "text" else {}
+            )
+        if config.messages_column is not None:
+            return table.select_columns([config.messages_column]).rename_columns(
+                {config.messages_column: "messages"} if config.messages_column != "messages" else {}
+            )
+        if config.prompt_column in columns and config.completion_column in columns:
+            renames = {
+                k: v
+                for k, v in ((config.prompt_column, "prompt"), (config.completion_column, "completion"))
+                if k != v
+            }
+            return table.select_columns([config.prompt_column, config.completion_column]).rename_columns(renames)
+        if "messages" in columns:
+            return table.select_columns(["messages"])
+        if all(c in columns for c in ("article", "question", "options", "answer")):
+            return table.map(format_race_example, remove_columns=columns, desc="Formatting RACE")
+        if "text" in columns:
+            return table.select_columns(["text"])
+        raise ValueError(
+            f"{config.dataset}: found columns {columns}; expected prompt/completion (--prompt-column, "
+            "--completion-column), messages (--messages-column), text (--text-column with --response-template) "
+            "or the RACE schema"
+        )
+
+    train = prepare(raw).shuffle(seed=seed)
+    if raw_eval is not None:
+        evaluation = prepare(raw_eval)
+        if config.eval_examples is not None and config.eval_examples < len(evaluation):
+            evaluation = evaluation.shuffle(seed=seed).select(range(config.eval_examples))
+    else:
+        n_eval = config.eval_examples if config.eval_examples is not None else max(1, len(train) // 10)
+        if n_eval >= len(train):
+            raise ValueError(f"{config.dataset}: {len(train)} rows cannot hold out {n_eval} for evaluation")
+        evaluation, train = train.select(range(n_eval)), train.select(range(n_eval, len(train)))
+    if config.train_examples is not None and config.train_examples < len(train):
+        train = train.select(range(config.train_examples))
+    return train, evaluation
+
+
+# ---------------------------------------------------------------------------------------------------------- runs
+def resolve_bf16(config: SweepConfig) -> bool:
+    """The config's bf16 choice, or the hardware's native default (`trl_plw.precision.default_bf16`)."""
+    import torch
+
+    from trl_plw.precision import default_bf16
+
+    return default_bf16(use_cpu=not torch.cuda.is_available()) if config.bf16 is None else config.bf16
+
+
+def build_config(config: SweepConfig, plw: float, output_dir: Path, seed: int = 0):
+    """The `PLWConfig` of one run: one weight, one seed, evaluation on a step schedule from step 0."""
+    import torch
+
+    from trl_plw.trainer import PLWConfig
+
+    extra = dict(config.extra)
+    if config.response_template is not None:
+        extra.setdefault("response_template", config.response_template)
+    if config.instruction_template is not None:
+        extra.setdefault("instruction_template", config.instruction_template)
+    return PLWConfig(
+        output_dir=str(output_dir),
+        prompt_loss_weight=plw,
+        loss_normalization=config.loss_normalization,
+        max_steps=config.max_steps,
+        num_train_epochs=config.num_train_epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        max_length=config.max_length,
+        packing=config.packing,
+        eval_strategy="steps",
+        eval_steps=config.eval_steps,
+        eval_on_start=True,
+        logging_steps=max(1, config.eval_steps // 2),
+        save_strategy="no",
+        report_to="none",
+        bf16=resolve_bf16(config),
+        gradient_checkpointing=config.gradient_checkpointing,
+        use_cpu=not torch.cuda.is_available(),
+        seed=seed,
+        data_seed=seed,
+        answer_tokens=list(config.answer_tokens) if config.answer_tokens else None,
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+def _lora_config(config: SweepConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def run_one(config: SweepConfig, plw: float, output_dir: Path, datasets, seed: int = 0) -> list[dict[str, Any]]:
+    """Train and evaluate one (weight, seed); returns the logged events, also written to ``metrics.jsonl``.
+
+    ``done.json`` is written last, so a run killed half-way has none and is rerun from scratch on resume.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    from trl_plw.attention import select_attn_implementation
+    from trl_plw.models import load_model, load_tokenizer
+    from trl_plw.trainer import PLWTrainer
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "done.json").unlink(missing_ok=True)
+    train, evaluation = datasets
+    events: list[dict[str, Any]] = []
+    log_path = output_dir / "metrics.jsonl"
+    log_path.write_text("")
+
+    def record(event: dict[str, Any]) -> None:
+        events.append(event)
+        with log_path.open("a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            record({"plw": plw, "seed": seed, "step": state.global_step, **(logs or {})})
+
+    bf16 = resolve_bf16(config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(
+        config.model,
+        dtype=torch.bfloat16 if bf16 else torch.float32,
+        attn_implementation=select_attn_implementation(device, packed=config.packing),
+    )
+    trainer = PLWTrainer(
+        model,
+        args=build_config(config, plw, output_dir, seed),
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=load_tokenizer(config.model),
+        peft_config=_lora_config(config) if config.lora_r > 0 else None,
+        callbacks=[Recorder()],
+    )
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    record({"plw": plw, "seed": seed, "step": trainer.state.global_step, "wall_seconds": wall, "bf16": bf16})
+    (output_dir / "done.json").write_text(json.dumps({"plw": plw, "seed": seed, "wall_seconds": wall}) + "\n")
+    return events
+
+
+def run_dir(output_dir: Path, plw: float, seed: int, seeds: Sequence[int]) -> Path:
+    """``plw_W`` for a one-seed sweep (the layout of earlier recordings), ``seed_S/plw_W`` otherwise."""
+    name = f"plw_{plw:g}"
+    return output_dir / name if len(seeds) == 1 else output_dir / f"seed_{seed}" / name
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_sweep(
+    config: SweepConfig,
+    output_dir: Path,
+    *,
+    load_splits: Callable[[SweepConfig, int], tuple[Any, Any]] = load_sweep_splits,
+    plots: bool = True,
+    plot_name: str = "sweep.png",
+    resume: bool = True,
+) -> dict[str, Any]:
+    """Every (seed, weight) run, then the summary, stopping-rule table, recommendation and plot.
+
+    With ``resume`` (default), runs that finished (``done.json``) are read back instead of retrained.
+    """
+    from tqdm.auto import tqdm
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
+    jobs = [(seed, plw) for seed in config.seeds for plw in config.plws]
+    all_events: list[dict[str, Any]] = []
+    datasets: dict[int, tuple[Any, Any]] = {}
+    bar = tqdm(jobs, desc="PLW sweep", unit="run")
+    for seed, plw in bar:
+        bar.set_postfix(plw=f"{plw:g}", seed=seed)
+        folder = run_dir(output_dir, plw, seed, config.seeds)
+        if resume and (folder / "done.json").is_file():
+            all_events += read_events(folder / "metrics.jsonl")
+            continue
+        if seed not in datasets:
+            datasets[seed] = load_splits(config, seed)
+        all_events += run_one(config, plw, folder, datasets[seed], seed)
+    first = config.seeds[0]
+    if first not in datasets:  # everything resumed: the splits are still needed for n_eval and Rg
+        datasets[first] = load_splits(config, first)
+    n_eval = len(datasets[first][1])
+    gen_ratio = generation_ratio(datasets[first][0], config.model)
+    return write_reports(config, all_events, output_dir, n_eval, gen_ratio, plots=plots, plot_name=plot_name)
+
+
+def write_reports(
+    config: SweepConfig,
+    events: list[dict[str, Any]],
+    output_dir: Path,
+    n_eval: int,
+    gen_ratio: dict[str, Any] | None = None,
+    *,
+    plots: bool = True,
+    plot_name: str = "sweep.png",
+) -> dict[str, Any]:
+    """metrics.csv, summary.json/md (findings, recommendation) and the plot, from the events of every run."""
+    write_csv(events, output_dir / "metrics.csv")
+    summary = summarize(events, config.plws, n_eval)
+    recommendation = recommend(summary, gen_ratio)
+    table = summary_markdown(summary)
+    findings = findings_markdown(summary)
+    text = "\n\n".join([table, findings, recommendation["text"]])
+    (output_dir / "summary.json").write_text(
+        json.dumps({"rows": summary, "gen_ratio": gen_ratio, "recommendation": recommendation}, indent=1) + "\n"
+    )
+    (output_dir / "summary.md").write_text(text + "\n")
+    if plots:
+        plot_sweep(events, config.plws, output_dir / plot_name)
+    return {"summary": summary, "table_markdown": table, "text": text, "events": events,
+            "recommendation": recommendation}  # fmt: skip
+
+
+def generation_ratio(train: Any, model: str, max_examples: int = 1000) -> dict[str, Any] | None:
+    """Rg of (up to ``max_examples`` of) the training split with the model's tokenizer, for the recommendation.
+
+    None for plain-text data (the prompt/completion split is found by the response template inside the trainer);
+    an ``error`` entry where it cannot be measured, because a report must not fail for a side statistic.
+    """
+    if "text" in train.column_names:
+        return None
+    try:
+        from trl_plw.gen_ratio import compute_generation_ratios, summarize_ratios
+        from trl_plw.models import load_tokenizer
+
+        ratios = compute_generation_ratios(train.select(range(min(len(train), max_examples))), load_tokenizer(model))
+        summary = summarize_ratios(ratios)
+    except (ValueError, KeyError, OSError) as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+    keys = ("n", "mean", "median", "ratio_of_totals", "prompt_tokens_mean", "completion_tokens_mean")
+    return {k: summary[k] for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------------------- stats
+def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion: honest at small n and near 0 or 1, unlike p ± z·se."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def eval_events(events: list[dict[str, Any]], plw: float, seed: int | None = None) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in events
+        if e["plw"] == plw and "eval_completion_loss" in e and (seed is None or e.get("seed", 0) == seed)
+    ]
+
+
+ACCURACY_KEYS = ("eval_answer_accuracy", "eval_completion_accuracy")
+
+
+def _accuracy_key(evals: list[dict[str, Any]]) -> str:
+    return next((k for k in ACCURACY_KEYS if evals and k in evals[0]), ACCURACY_KEYS[0])
+
+
+def _pooled(values: list[float], n: int, binomial: bool) -> dict[str, Any]:
+    """Mean over seeds, and the Wilson interval of the pooled successes (binomial accuracies only)."""
+    mean = sum(values) / len(values) if values else math.nan
+    if not binomial or not values:
+        return {"value": mean, "ci": [math.nan, math.nan], "per_seed": values}
+    k = sum(round(v * n) for v in values)
+    return {"value": mean, "ci": list(wilson_interval(k, n * len(values))), "per_seed": values}
+
+
+def summarize(events: list[dict[str, Any]], plws: Sequence[float], n_eval: int | None = None) -> list[dict[str, Any]]:
+    """Per weight, pooled over seeds: the article's three findings and the final losses.
+
+    * ``acc_at_min_seq_loss`` / ``acc_at_min_comp_loss`` (+ ``_step``): accuracy at the evaluation where the
+      full-sequence / completion loss is lowest (the two stopping rules);
+    * ``steps_to_min_comp_loss``: the step of that completion-loss minimum (mean over seeds);
+    * ``best_acc``: the highest accuracy over the evaluations (an optimistic estimate: a max over noisy points).
+
+    With answer accuracy and ``n_eval`` (items per evaluation), accuracies carry Wilson 95% intervals (``*_ci``);
+    token-level completion accuracy, used when the data has no single-token answers, gets none (its tokens are
+    not independent trials).
+    """
+    rows = []
+    for plw in plws:
+        evals_all = eval_events(events, plw)
+        if not evals_all:
+            continue
+        acc_key = _accuracy_key(evals_all)
+        binomial = acc_key == "eval_answer_accuracy" and n_eval is not None
+        seeds = sorted({e.get("seed", 0) for e in evals_all})
+        per_seed: dict[str, list[float]] = {}
+        for seed in seeds:
+            evals = eval_events(events, plw, seed)
+            for loss_key, label in (("eval_sequence_loss", "seq"), ("eval_completion_loss", "comp")):
+                best = min((e for e in evals if loss_key in e), key=lambda e: e[loss_key])
+                per_seed.setdefault(f"min_{label}_loss", []).append(best[loss_key])
+                per_seed.setdefault(f"min_{label}_loss_step", []).append(best["step"])
+                per_seed.setdefault(f"acc_at_min_{label}_loss", []).append(best.get(acc_key, math.nan))
+            per_seed.setdefault("best_acc", []).append(max(e.get(acc_key, math.nan) for e in evals))
+            per_seed.setdefault("best_acc_step", []).append(max(evals, key=lambda e: e.get(acc_key, -1))["step"])
+            per_seed.setdefault("initial_acc", []).append(evals[0].get(acc_key, math.nan))
+            per_seed.setdefault("final_acc", []).append(evals[-1].get(acc_key, math.nan))
+            per_seed.setdefault("final_prompt_loss", []).append(evals[-1].get("eval_prompt_loss", math.nan))
+            per_seed.setdefault("final_completion_loss", []).append(evals[-1].get("eval_completion_loss", math.nan))
+            per_seed.setdefault("epoch_at_min_comp_loss", []).append(
+                next((e.get("epoch", math.nan) for e in evals if e["step"] == per_seed["min_comp_loss_step"][-1]),
+                     math.nan)  # fmt: skip
+            )
+            wall = [e["wall_seconds"] for e in events if e["plw"] == plw and e.get("seed", 0) == seed
+                    and "wall_seconds" in e]  # fmt: skip
+            per_seed.setdefault("train_seconds", []).append(wall[-1] if wall else math.nan)
+        row: dict[str, Any] = {"plw": plw, "accuracy_metric": acc_key, "n_eval": n_eval, "seeds": seeds}
+        for key, values in per_seed.items():
+            is_acc = key.endswith("acc") or key.startswith("acc_at")
+            if is_acc:
+                pooled = _pooled(values, n_eval or 0, binomial)
+                row[key], row[f"{key}_ci"] = pooled["value"], pooled["ci"]
+            else:
+                row[key] = sum(values) / len(values)
+            if len(seeds) > 1:
+                row[f"{key}_per_seed"] = values
+        row["steps_to_min_comp_loss"] = row["min_comp_loss_step"]
+        rows.append(row)
+    return rows
+
+
+def _fmt_acc(row: dict[str, Any], key: str) -> str:
+    value, ci = row.get(key, math.nan), row.get(f"{key}_ci", [math.nan, math.nan])
+    text = f"{value:.3f}"
+    if not math.isnan(ci[0]):
+        text += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+    return text
+
+
+def summary_markdown(rows: list[dict[str, Any]]) -> str:
+    """The stopping-rule table: one row per weight, accuracies with Wilson 95% intervals where binomial."""
+    header = (
+        "| PLW | acc @ min seq loss (step) | acc @ min completion loss (step) | best acc (step) | initial acc | "
+        "final acc | final prompt loss | final completion loss | train s |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [header]
+    for r in rows:
+        lines.append(
+            f"| {r['plw']:g} | {_fmt_acc(r, 'acc_at_min_seq_loss')} ({r.get('min_seq_loss_step', math.nan):g}) "
+            f"| {_fmt_acc(r, 'acc_at_min_comp_loss')} ({r.get('min_comp_loss_step', math.nan):g}) "
+            f"| {_fmt_acc(r, 'best_acc')} ({r.get('best_acc_step', math.nan):g}) "
+            f"| {r['initial_acc']:.3f} | {r['final_acc']:.3f} | {r['final_prompt_loss']:.3f} "
+            f"| {r['final_completion_loss']:.4f} | {r['train_seconds']:.0f} |"
+        )
+    if rows:
+        metric = rows[0]["accuracy_metric"].removeprefix("eval_")
+        seeds = rows[0]["seeds"]
+        lines.append(
+            f"\naccuracy = {metric} on {rows[0]['n_eval']} evaluation items; [lo, hi] = Wilson 95% interval"
+            + (f", pooled over seeds {seeds} (values are seed means)" if len(seeds) > 1 else "")
+            + "; steps are means over seeds."
+        )
+    return "\n".join(lines)
+
+
+def _overlap(a: Sequence[float], b: Sequence[float]) -> bool:
+    return not (a[1] < b[0] or b[1] < a[0])
+
+
+def findings_markdown(rows: list[dict[str, Any]]) -> str:
+    """The article's three findings, each stated as what was measured and whether the intervals separate."""
+    if not rows:
+        return ""
+    lines = ["Findings (the article's claims, tested on this sweep):"]
+    diffs = [r["acc_at_min_comp_loss"] - r["acc_at_min_seq_loss"] for r in rows]
+    separated = [
+        r["plw"] for r in rows
+        if not _overlap(r["acc_at_min_comp_loss_ci"], r["acc_at_min_seq_loss_ci"])
+        and r["acc_at_min_comp_loss"] > r["acc_at_min_seq_loss"]
+    ]  # fmt: skip
+    lines.append(
+        "1. Stopping rule: accuracy at the completion-loss minimum minus at the full-sequence-loss minimum is "
+        + ", ".join(f"{d:+.3f} (PLW {r['plw']:g})" for d, r in zip(diffs, rows, strict=True))
+        + (f"; intervals separate for PLW {', '.join(f'{p:g}' for p in separated)}." if separated
+           else "; no weight has separated intervals.")  # fmt: skip
+    )
+    lines.append(
+        "2. Steps to the completion-loss minimum: "
+        + ", ".join(f"{r['steps_to_min_comp_loss']:g} (PLW {r['plw']:g})" for r in rows)
+        + "."
+    )
+    best = max(rows, key=lambda r: r["best_acc"])
+    tied = [r["plw"] for r in rows if r is not best and _overlap(r["best_acc_ci"], best["best_acc_ci"])]
+    lines.append(
+        f"3. Best accuracy: highest at PLW {best['plw']:g} ({_fmt_acc(best, 'best_acc')})"
+        + (f"; within its interval: PLW {', '.join(f'{p:g}' for p in tied)}." if tied else "; above every other.")
+    )
+    return "\n".join(lines)
+
+
+def recommend(rows: list[dict[str, Any]], gen_ratio: dict[str, Any] | None) -> dict[str, Any]:
+    """A weight and its evidence: the best accuracy at the completion-loss minimum (the article's stopping rule).
+
+    Ties (overlapping intervals) go to the weight the article's advice prefers: for data with a small generation
+    ratio, a small non-zero weight (0.1 beats 0 and 1 there); the evidence lists every weight that cannot be told
+    apart, so the user sees how firm the choice is.
+    """
+    if not rows:
+        return {"plw": None, "text": "No finished runs: nothing to recommend."}
+    key = "acc_at_min_comp_loss"
+    top = max(rows, key=lambda r: r[key])
+    tied = [r for r in rows if _overlap(r[f"{key}_ci"], top[f"{key}_ci"])] if not math.isnan(top[f"{key}_ci"][0]) \
+        else [top]  # fmt: skip
+    # Among statistically tied weights prefer the one nearest 0.1 on a log scale (the article's advice), which
+    # the data cannot overrule when intervals overlap.
+    choice = min(tied, key=lambda r: abs(math.log10(max(r["plw"], 1e-3)) - math.log10(0.1)))
+    rg = (gen_ratio or {}).get("ratio_of_totals")
+    lines = [f"Recommended prompt-loss weight: **{choice['plw']:g}**."]
+    lines.append(
+        f"- Evidence: accuracy at the completion-loss minimum {_fmt_acc(choice, key)} at step "
+        f"{choice['min_comp_loss_step']:g}; highest measured: PLW {top['plw']:g} ({_fmt_acc(top, key)})."
+    )
+    if len(tied) > 1:
+        lines.append(
+            "- Not distinguishable at this evaluation size (overlapping 95% intervals): PLW "
+            + ", ".join(f"{r['plw']:g}" for r in tied)
+            + "; among them the choice follows the article (a small non-zero weight)."
+        )
+    if rg is not None:
+        share = {r["plw"]: rg / (r["plw"] + rg) for r in rows}
+        lines.append(
+            f"- Generation ratio of the training data: ratio of totals Rt = {rg:.4g} (mean Rg "
+            f"{gen_ratio['mean']:.4g}); completion share of the loss weight Rt/(w+Rt): "
+            + ", ".join(f"{s:.1%} (PLW {w:g})" for w, s in share.items())
+            + ("." if rg < 0.5 else "; with Rg this large the prompt weight changes little (the article).")
+        )
+    # Learned = the best interval clears the interval of the accuracy before training (step 0).
+    learned = math.isnan(top[f"{key}_ci"][0]) or not _overlap(top[f"{key}_ci"], top["initial_acc_ci"])
+    if not learned:
+        lines.insert(1, "- **Weak evidence**: the best interval overlaps that of the accuracy before training (the "
+                        "model did not measurably learn the task), so this is the article's prior, not a finding.")
+    lines.append("- Stop on the validation completion loss, not on the full-sequence loss.")
+    return {"plw": choice["plw"], "tied": [r["plw"] for r in tied], "learned": learned, "text": "\n".join(lines)}
+
+
+# ---------------------------------------------------------------------------------------------------------- files
+def write_csv(events: list[dict[str, Any]], path: Path) -> None:
+    keys: list[str] = []
+    for event in events:
+        keys += [k for k in event if k not in keys]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(events)
+
+
+def plot_sweep(events: list[dict[str, Any]], plws: Sequence[float], path: Path) -> None:
+    """Four panels like the article's figures: prompt, completion, full-sequence loss and accuracy vs step.
+
+    With several seeds, each curve is the seed mean at each step.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc_key = _accuracy_key(eval_events(events, plws[0]) if plws else [])
+    panels = (
+        ("eval_prompt_loss", "validation prompt loss"),
+        ("eval_completion_loss", "validation completion loss"),
+        ("eval_sequence_loss", "validation full-sequence loss"),
+        (acc_key, acc_key.removeprefix("eval_").replace("_", " ")),
+    )
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    colors = plt.cm.viridis([i / max(1, len(plws) - 1) for i in range(len(plws))])
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
+        for plw, color in zip(plws, colors, strict=True):
+            by_step: dict[int, list[float]] = {}
+            for e in eval_events(events, plw):
+                if key in e:
+                    by_step.setdefault(e["step"], []).append(e[key])
+            if by_step:
+                xs = sorted(by_step)
+                ax.plot(xs, [sum(by_step[x]) / len(by_step[x]) for x in xs], marker="o", ms=3, color=color,
+                        label=f"PLW={plw:g}")  # fmt: skip
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("optimizer step")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+def _int_or_range(value: str) -> int | tuple[int, int]:
+    """``3`` or ``1,3`` (a range)."""
+    return tuple(int(x) for x in value.split(",")) if "," in value else int(value)  # type: ignore[return-value]
+
+
+def _name_or_range(value: str) -> str | tuple[int, int]:
+    """``short`` or ``20,40`` (a range)."""
+    return tuple(int(x) for x in value.split(",")) if "," in value else value  # type: ignore[return-value]
+
+
+def _arg_type(annotation: str) -> Callable[[str], Any]:
+    """argparse type of a dataclass field from its (string) annotation: ``int | None`` -> int, ..."""
+    if "tuple[int, int]" in annotation:
+        return _name_or_range if annotation.startswith("str") else _int_or_range
+    first = annotation.split("|")[0].strip()
+    return {"int": int, "float": float}.get(first, str)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[SweepConfig]) -> None:
+    """One ``--field-name`` flag per config field (default None: the preset's value stays), shared by race/sweep."""
+    special = {"plws", "seeds", "extra", "bf16", "packing", "answer_tokens"}
+    for f in fields(config_cls):
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.name in special:
+            continue
+        if str(f.type).startswith("bool"):  # --x/--no-x, so a False can be given (a str "False" would be true)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, dest=f.name, type=_arg_type(str(f.type)), default=None)
+    parser.add_argument("--plw", type=float, nargs="+", dest="plws", help="Prompt loss weight(s) to sweep.")
+    parser.add_argument("--seeds", type=int, nargs="+", help="Seeds; each weight is trained once per seed.")
+    parser.add_argument("--answer-tokens", nargs="+", help="Single-token answers (e.g. A B C D): answer accuracy.")
+    parser.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=None,
+        help="bf16 autocast. Default: only where bf16 is native (GPU, AVX512-BF16/AMX CPUs), else fp32.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--packing", action=argparse.BooleanOptionalAction, default=None,
+        help="Pack rows (BFD, padding-free). Default: the preset's (off on CPU).",
+    )  # fmt: skip
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-resume", action="store_true", help="Retrain runs that already finished.")
+
+
+def config_from_args(base: SweepConfig, args: argparse.Namespace) -> SweepConfig:
+    """``base`` with every flag the user gave (a flag left at None keeps the preset's value)."""
+    names = {f.name for f in fields(base)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    for key in ("plws", "seeds", "answer_tokens"):
+        if key in overrides:
+            overrides[key] = tuple(overrides[key])
+    return replace(base, **overrides)
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sweep",
+        help="Prompt-loss-weight sweep on any dataset: stopping-rule table, findings, recommended weight.",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(p, SweepConfig)
+    p.add_argument("--output-dir", default="runs/sweep")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    config = config_from_args(SweepConfig(), args)
+    if not config.dataset:
+        raise SystemExit("trl-plw sweep: error: --dataset PATH_OR_ID is required")
+    return run_from_args(config, args)
+
+
+def run_from_args(
+    config: SweepConfig,
+    args: argparse.Namespace,
+    *,
+    load_splits: Callable[[SweepConfig, int], tuple[Any, Any]] = load_sweep_splits,
+    plot_name: str = "sweep.png",
+) -> int:
+    """Run the sweep with the output flags of `add_config_arguments` and print the report (sweep and race)."""
+    result = run_sweep(
+        config,
+        Path(args.output_dir),
+        load_splits=load_splits,
+        plots=not args.no_plots,
+        plot_name=plot_name,
+        resume=not args.no_resume,
+    )
+    print(result["text"])
+    files = "summary.md, summary.json, metrics.csv" + ("" if args.no_plots else f", {plot_name}")
+    print(f"\nWrote {files} in {args.output_dir}")
+    return 0

@@ -1,0 +1,91 @@
+"""`trl-plw sweep` end to end on a small local JSONL (tiny random model, real tokenizer), resume, statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import make_tiny_llama
+
+from trl_plw.cli import main
+from trl_plw.sweep import recommend, summarize, summary_markdown, wilson_interval
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    folder = tmp_path_factory.mktemp("tiny-sweep-model")
+    make_tiny_llama(vocab_size=len(smollm2_tokenizer), hidden_size=32, num_layers=2).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _write_jsonl(path, n=14):
+    letters = "ABCD"
+    with path.open("w") as f:
+        for i in range(n):
+            prompt = [{"role": "user", "content": f"Item {i}: which letter is number {i % 4 + 1}? A, B, C or D."}]
+            f.write(json.dumps({"prompt": prompt, "completion": [{"role": "assistant", "content": letters[i % 4]}]}))
+            f.write("\n")
+
+
+def test_sweep_cli_on_local_jsonl_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "mine.jsonl"
+    _write_jsonl(data)
+    out = tmp_path / "out"
+    common = ["sweep", "--dataset", str(data), "--model", tiny_model_dir, "--max-steps", "2", "--eval-steps", "2",
+              "--eval-examples", "4", "--batch-size", "2", "--eval-batch-size", "4", "--lora-r", "4",
+              "--max-length", "128", "--answer-tokens", "A", "B", "C", "D", "--no-bf16", "--output-dir", str(out)]
+    assert main([*common, "--plw", "1", "0"]) == 0
+    for name in ("metrics.csv", "summary.json", "summary.md", "sweep.png", "config.json"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["rows"]
+    assert [r["plw"] for r in rows] == [1.0, 0.0]
+    for r in rows:
+        assert r["n_eval"] == 4 and r["accuracy_metric"] == "eval_answer_accuracy"
+        lo, hi = r["acc_at_min_comp_loss_ci"]
+        assert 0 <= lo <= r["acc_at_min_comp_loss"] <= hi <= 1
+        assert r["min_comp_loss_step"] in (0, 2) and r["best_acc"] >= r["initial_acc"]
+    assert rows[0]["final_prompt_loss"] < rows[1]["final_prompt_loss"]  # PLW 1 trains the prompt, PLW 0 does not
+    assert summary["recommendation"]["plw"] in (1.0, 0.0)
+    assert summary["gen_ratio"]["completion_tokens_mean"] > 0 and 0 < summary["gen_ratio"]["ratio_of_totals"] < 1
+    text = (out / "summary.md").read_text()
+    assert "Recommended prompt-loss weight" in text and "Stopping rule" in text and "Wilson" in text
+    evals = [json.loads(x) for x in (out / "plw_1" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals if "eval_completion_loss" in e] == [0, 2]
+
+    # Resume: the finished weights are read back, only the new one trains.
+    before = (out / "plw_1" / "metrics.jsonl").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*common, "--plw", "1", "0", "0.1"]) == 0
+    assert (out / "plw_1" / "metrics.jsonl").stat().st_mtime_ns == before
+    assert (out / "plw_0.1" / "done.json").is_file()
+    assert [r["plw"] for r in json.loads((out / "summary.json").read_text())["rows"]] == [1.0, 0.0, 0.1]
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(50, 100)
+    assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
+    assert wilson_interval(0, 10)[0] == 0 and wilson_interval(10, 10)[1] == pytest.approx(1)
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+
+
+def test_summary_pools_seeds_and_reports_the_three_findings():
+    def ev(seed, step, seq, comp, acc):
+        return {"plw": 0.1, "seed": seed, "step": step, "eval_sequence_loss": seq, "eval_completion_loss": comp,
+                "eval_answer_accuracy": acc, "eval_prompt_loss": seq}
+    events = [ev(0, 0, 3, 2, 0.25), ev(0, 10, 2, 1.0, 0.6), ev(0, 20, 1, 1.5, 0.5),
+              ev(1, 0, 3, 2, 0.25), ev(1, 10, 2, 1.2, 0.7), ev(1, 20, 1.5, 1.1, 0.4)]
+    (row,) = summarize(events, (0.1,), n_eval=100)
+    assert row["seeds"] == [0, 1]
+    assert row["acc_at_min_seq_loss"] == pytest.approx(0.45) and row["min_seq_loss_step"] == 20
+    assert row["acc_at_min_comp_loss"] == pytest.approx(0.5) and row["steps_to_min_comp_loss"] == 15
+    assert row["best_acc"] == pytest.approx(0.65)
+    lo, hi = row["best_acc_ci"]
+    assert (lo, hi) == pytest.approx(wilson_interval(130, 200))
+    assert "0.650 [" in summary_markdown([row]) and "pooled over seeds" in summary_markdown([row])
+    rec = recommend([row], {"ratio_of_totals": 0.01, "mean": 0.012})
+    assert rec["plw"] == 0.1 and "Rt = 0.01" in rec["text"] and rec["learned"] and "Weak evidence" not in rec["text"]
+    flat = dict(row, initial_acc_ci=[0.55, 0.7])
+    assert not recommend([flat], None)["learned"] and "Weak evidence" in recommend([flat], None)["text"]
