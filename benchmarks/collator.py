@@ -12,7 +12,7 @@ Cases (each a batch of ``--batch`` rows of ``--seq-len`` tokens, collated padded
 The rows are lists of Python ints, as a ``datasets`` dataset yields them, so the time includes list -> tensor
 conversion. As a reference, TRL's ``DataCollatorForLanguageModeling`` collates the same ids with prebuilt labels.
 
-``--with-model`` times one forward+backward step of the real SmolLM2-135M (``trl_plw.models.load_model()``, fp32,
+``--with-model`` times one forward+backward step of the real SmolLM2-135M (``trl_plw.experiments.offline_model.load_model()``, fp32,
 sdpa) at a smaller shape (``--model-batch`` x ``--model-seq-len``; CPU is slow), extrapolates it linearly per token to
 the benchmark's batch shape, and prints the collator's share of a step: collate / (collate + step). Linear
 extrapolation underestimates a 2k-token step (attention grows quadratically), so the share is an upper bound.
@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from trl_plw.benchmarking.common import write_json
 from trl_plw.collator import DataCollatorForWeightedCompletionLM
+from trl_plw.experiments.benchmarking.common import write_json
 from trl_plw.roles import Role
 
 # SmolLM2 (ChatML) ids: <|im_start|>=1, <|im_end|>=2, "user"=4093, "ass"+"istant"=520, 9531, "\n"=198
@@ -152,7 +152,7 @@ def trl_reference(
 
 
 def model_step_seconds_per_token(batch: int, seq_len: int, repeats: int) -> dict[str, Any]:
-    from trl_plw.models import load_model
+    from trl_plw.experiments.offline_model import load_model
 
     model = load_model(dtype=torch.float32, attn_implementation="sdpa")
     model.train()
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     tokenizer = None
     if "template" in args.cases and not args.no_tokenizer:
-        from trl_plw.models import load_tokenizer
+        from trl_plw.experiments.offline_model import load_tokenizer
 
         tokenizer = load_tokenizer()
 

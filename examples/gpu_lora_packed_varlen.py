@@ -20,7 +20,7 @@ from _common import config_kwargs, parse
 from peft import LoraConfig
 
 from trl_plw import PLWConfig, PLWTrainer, load_model, load_tokenizer
-from trl_plw.sft_cli import load_any_dataset
+from trl_plw.cli.sft import load_any_dataset
 
 
 def main(argv: Sequence[str] | None = None) -> PLWTrainer:

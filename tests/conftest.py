@@ -79,7 +79,7 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """The real SmolLM2-135M-Instruct tokenizer (ChatML chat template, 49,152 tokens), from the offline cache."""
-    from trl_plw.models import load_tokenizer
+    from trl_plw.experiments.offline_model import load_tokenizer
 
     return load_tokenizer()
 
@@ -87,7 +87,7 @@ def smollm2_tokenizer():
 @pytest.fixture(scope="session")
 def smollm2_model_path():
     """Folder of the converted real model (converted once per cache)."""
-    from trl_plw.models import ensure_default_model
+    from trl_plw.experiments.offline_model import ensure_default_model
 
     return str(ensure_default_model())
 

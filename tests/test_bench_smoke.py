@@ -1,4 +1,4 @@
-"""Smoke test of the throughput benchmark's machinery (trl_plw.benchmarking.throughput) on a tiny random Llama.
+"""Smoke test of the throughput benchmark's machinery (trl_plw.experiments.benchmarking.throughput) on a tiny random Llama.
 
 Every trainer configuration trains one epoch of the same eight examples (two optimizer steps) in this process. No
 timing is asserted: only the structure of the results and the token accounting (padded and packed runs must see
@@ -22,7 +22,7 @@ from datasets import Dataset
 
 @pytest.fixture(scope="module")
 def bench():
-    from trl_plw.benchmarking import throughput
+    from trl_plw.experiments.benchmarking import throughput
 
     return throughput
 
@@ -103,7 +103,7 @@ def test_every_trainer_counts_the_same_tokens(bench, smollm2_tokenizer, tmp_path
 def test_cli_registers_bench():
     import argparse
 
-    from trl_plw import bench_cli
+    from trl_plw.cli import bench as bench_cli
 
     parser = argparse.ArgumentParser()
     bench_cli.add_cli(parser.add_subparsers(dest="command"))
@@ -113,7 +113,7 @@ def test_cli_registers_bench():
 
 def test_bench_cli_needs_no_checkout():
     """`trl-plw bench` imports the benchmark from the package: no path into a source checkout."""
-    from trl_plw import bench_cli
+    from trl_plw.cli import bench as bench_cli
 
     source = Path(bench_cli.__file__).read_text()
     assert "parents[" not in source and "benchmarks/throughput.py" not in source.split('"""', 2)[2]
@@ -133,14 +133,16 @@ def test_bench_runs_from_an_installed_wheel(tmp_path):
     )
     (wheel,) = (tmp_path / "dist").glob("trl_plw-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"trl_plw/benchmarking/throughput.py", "trl_plw/benchmarking/common.py", "trl_plw/bench_cli.py"} <= names
+    assert {
+        "trl_plw/experiments/benchmarking/throughput.py",
+        "trl_plw/experiments/benchmarking/common.py",
+        "trl_plw/cli/bench.py",
+    } <= names
     target = tmp_path / "target"
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)], check=True)
 
     env = dict(os.environ, PYTHONPATH=str(target))
-    code = (
-        "import trl_plw.benchmarking.throughput as t, trl_plw.cli as c; print(t.__file__); c.main(['bench', '--help'])"
-    )
+    code = "import trl_plw.experiments.benchmarking.throughput as t, trl_plw.cli as c; print(t.__file__); c.main(['bench', '--help'])"
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0].startswith(str(target))  # the installed copy, not the checkout

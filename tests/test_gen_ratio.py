@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trl_plw.gen_ratio import (
+from trl_plw.cli.gen_ratio import add_cli
+from trl_plw.experiments.gen_ratio import (
     GenerationRatios,
-    add_cli,
     compute_generation_ratios,
     compute_token_lengths,
     plot_ratios,
@@ -137,7 +137,7 @@ def test_real_tokenizer_counts(smollm2_tokenizer):
 
 
 def test_synthetic_race_completions_are_three_tokens(smollm2_tokenizer):
-    from trl_plw.data import load_race
+    from trl_plw.experiments.data import load_race
 
     ratios = compute_generation_ratios(load_race("synthetic", n=40), smollm2_tokenizer)
     assert set(ratios.completion_lengths.tolist()) == {3}
@@ -247,7 +247,7 @@ def test_plot_writes_png(tmp_path):
 
 
 def test_cli_on_local_jsonl(tmp_path, monkeypatch, capsys):
-    import trl_plw.models
+    import trl_plw.experiments.offline_model
 
     requested = []
 
@@ -255,7 +255,7 @@ def test_cli_on_local_jsonl(tmp_path, monkeypatch, capsys):
         requested.append(name)
         return WhitespaceTokenizer()
 
-    monkeypatch.setattr(trl_plw.models, "load_tokenizer", fake_load_tokenizer)
+    monkeypatch.setattr(trl_plw.experiments.offline_model, "load_tokenizer", fake_load_tokenizer)
     out_json, out_png = tmp_path / "rg.json", tmp_path / "rg.png"
     args = _parser().parse_args(
         ["gen-ratio", str(FIXTURES / "gen_ratio_sample.jsonl"), "--json", str(out_json), "--plot", str(out_png)]
@@ -282,9 +282,9 @@ def test_cli_on_local_jsonl(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_formats_race_schema_with_real_tokenizer(tmp_path, monkeypatch, capsys, smollm2_tokenizer):
-    import trl_plw.models
+    import trl_plw.experiments.offline_model
 
-    monkeypatch.setattr(trl_plw.models, "load_tokenizer", lambda name: smollm2_tokenizer)
+    monkeypatch.setattr(trl_plw.experiments.offline_model, "load_tokenizer", lambda name: smollm2_tokenizer)
     out_json = tmp_path / "race.json"
     args = _parser().parse_args(["gen-ratio", str(FIXTURES / "race_sample.jsonl"), "--json", str(out_json)])
     assert args.func(args) == 0
@@ -300,7 +300,7 @@ def test_cli_formats_race_schema_with_real_tokenizer(tmp_path, monkeypatch, caps
 
 def test_cli_module_import_is_light():
     code = (
-        "import sys, argparse, trl_plw.gen_ratio as g; "
+        "import sys, argparse, trl_plw.cli.gen_ratio as g; "
         "p = argparse.ArgumentParser(); g.add_cli(p.add_subparsers()); "
         "heavy = [m for m in ('torch', 'transformers', 'datasets', 'trl', 'matplotlib') if m in sys.modules]; "
         "assert not heavy, heavy"

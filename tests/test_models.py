@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from trl_plw import models
+from trl_plw.experiments import offline_model as models
 
 
 def test_cache_root_precedence(monkeypatch, tmp_path):

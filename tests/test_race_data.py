@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from trl_plw.data import (
+from trl_plw.experiments.data import (
     ANSWER_LETTERS,
     QUESTION_TYPES,
     RACE_PROMPT_TEMPLATE,
@@ -24,7 +24,7 @@ from trl_plw.data import (
     generate_race_rows,
     load_race,
 )
-from trl_plw.data import synthetic_race as sr
+from trl_plw.experiments.data import synthetic_race as sr
 
 FIXTURE = Path(__file__).parent / "fixtures" / "race_sample.jsonl"
 
@@ -341,7 +341,7 @@ def test_load_race_plain_strings(smollm2_tokenizer):
 
 def test_data_package_import_is_light():
     code = (
-        "import sys, trl_plw.data, trl_plw.data.race, trl_plw.data.synthetic_race; "
+        "import sys, trl_plw.experiments.data, trl_plw.experiments.data.race, trl_plw.experiments.data.synthetic_race; "
         "heavy = [m for m in ('torch', 'transformers', 'datasets', 'trl') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

@@ -10,8 +10,8 @@ import pytest
 from conftest import make_tiny_llama
 
 from trl_plw.cli import main
-from trl_plw.race_experiment import PRESETS, RacePreset, load_race_splits, memory_estimate
-from trl_plw.sweep import run_sweep, summarize, summary_markdown
+from trl_plw.experiments.race import PRESETS, RacePreset, load_race_splits, memory_estimate
+from trl_plw.experiments.sweep import run_sweep, summarize, summary_markdown
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_paper_preset_matches_the_article():
 
 
 def test_llama2_memory_estimate_counts_lora_parameters():
-    from trl_plw.race_experiment import LLAMA2_7B_CONFIG
+    from trl_plw.experiments.race import LLAMA2_7B_CONFIG
 
     m = memory_estimate(LLAMA2_7B_CONFIG, PRESETS["paper"])
     # r * (in + out) over q k v o gate up down, 32 layers, r = 64: 159.9M (the article's adapters)
@@ -103,8 +103,8 @@ def llama2_chat_tokenizer_dir(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from trl_plw.data import generate_race_rows
-    from trl_plw.data.chat_templates import LLAMA2_CHAT_TEMPLATE
+    from trl_plw.experiments.data import generate_race_rows
+    from trl_plw.experiments.data.chat_templates import LLAMA2_CHAT_TEMPLATE
 
     texts = [r["article"] + " " + r["question"] + " " + " ".join(r["options"]) for r in generate_race_rows(200)]
     texts += ["Choose the correct option based on the context. Context: Question: Options: A. B. C. D. [INST] [/INST]"]

@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig
 
 from trl_plw import PLWConfig, PLWTrainer
-from trl_plw.data.race import load_race
-from trl_plw.models import load_model, load_tokenizer
+from trl_plw.experiments.data.race import load_race
+from trl_plw.experiments.offline_model import load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
 

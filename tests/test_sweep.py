@@ -9,7 +9,7 @@ import pytest
 from conftest import make_tiny_llama
 
 from trl_plw.cli import main
-from trl_plw.sweep import recommend, summarize, summary_markdown, wilson_interval
+from trl_plw.experiments.sweep import recommend, summarize, summary_markdown, wilson_interval
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,35 @@ def test_sweep_cli_on_local_jsonl_end_to_end_and_resume(tiny_model_dir, tmp_path
     data = tmp_path / "mine.jsonl"
     _write_jsonl(data)
     out = tmp_path / "out"
-    common = ["sweep", "--dataset", str(data), "--model", tiny_model_dir, "--max-steps", "2", "--eval-steps", "2",
-              "--eval-examples", "4", "--batch-size", "2", "--eval-batch-size", "4", "--lora-r", "4",
-              "--max-length", "128", "--answer-tokens", "A", "B", "C", "D", "--no-bf16", "--output-dir", str(out)]
+    common = [
+        "sweep",
+        "--dataset",
+        str(data),
+        "--model",
+        tiny_model_dir,
+        "--max-steps",
+        "2",
+        "--eval-steps",
+        "2",
+        "--eval-examples",
+        "4",
+        "--batch-size",
+        "2",
+        "--eval-batch-size",
+        "4",
+        "--lora-r",
+        "4",
+        "--max-length",
+        "128",
+        "--answer-tokens",
+        "A",
+        "B",
+        "C",
+        "D",
+        "--no-bf16",
+        "--output-dir",
+        str(out),
+    ]
     assert main([*common, "--plw", "1", "0"]) == 0
     for name in ("metrics.csv", "summary.json", "summary.md", "sweep.png", "config.json"):
         assert (out / name).stat().st_size > 0, name
@@ -73,10 +99,24 @@ def test_wilson_interval_known_values():
 
 def test_summary_pools_seeds_and_reports_the_three_findings():
     def ev(seed, step, seq, comp, acc):
-        return {"plw": 0.1, "seed": seed, "step": step, "eval_sequence_loss": seq, "eval_completion_loss": comp,
-                "eval_answer_accuracy": acc, "eval_prompt_loss": seq}
-    events = [ev(0, 0, 3, 2, 0.25), ev(0, 10, 2, 1.0, 0.6), ev(0, 20, 1, 1.5, 0.5),
-              ev(1, 0, 3, 2, 0.25), ev(1, 10, 2, 1.2, 0.7), ev(1, 20, 1.5, 1.1, 0.4)]
+        return {
+            "plw": 0.1,
+            "seed": seed,
+            "step": step,
+            "eval_sequence_loss": seq,
+            "eval_completion_loss": comp,
+            "eval_answer_accuracy": acc,
+            "eval_prompt_loss": seq,
+        }
+
+    events = [
+        ev(0, 0, 3, 2, 0.25),
+        ev(0, 10, 2, 1.0, 0.6),
+        ev(0, 20, 1, 1.5, 0.5),
+        ev(1, 0, 3, 2, 0.25),
+        ev(1, 10, 2, 1.2, 0.7),
+        ev(1, 20, 1.5, 1.1, 0.4),
+    ]
     (row,) = summarize(events, (0.1,), n_eval=100)
     assert row["seeds"] == [0, 1]
     assert row["acc_at_min_seq_loss"] == pytest.approx(0.45) and row["min_seq_loss_step"] == 20

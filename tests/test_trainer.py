@@ -540,7 +540,7 @@ def test_model_name_passes_through_and_picks_attention(monkeypatch, tmp_path, sm
     def fail_resolve(name):
         raise AssertionError(f"the trainer resolved the model name {name!r}")
 
-    monkeypatch.setattr("trl_plw.models.resolve_model_path", fail_resolve)
+    monkeypatch.setattr("trl_plw.experiments.offline_model.resolve_model_path", fail_resolve)
     args = PLWConfig(**common_args(output_dir=str(tmp_path)), packing=True, max_length=64)
     assert PLWTrainer._prepare_model_name("smollm2-135m", args) == "smollm2-135m"
     assert args.model_init_kwargs["attn_implementation"] == "sdpa"

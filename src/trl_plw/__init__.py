@@ -22,9 +22,9 @@ _EXPORTS = {
     "select_attn_implementation": "trl_plw.attention",
     "VARLEN_ATTENTION": "trl_plw.attention",
     "prompt_weight_at": "trl_plw.schedules",
-    "load_model": "trl_plw.models",
-    "load_tokenizer": "trl_plw.models",
-    "load_model_and_tokenizer": "trl_plw.models",
+    "load_model": "trl_plw.experiments.offline_model",
+    "load_tokenizer": "trl_plw.experiments.offline_model",
+    "load_model_and_tokenizer": "trl_plw.experiments.offline_model",
 }
 
 # Written out (not derived from _EXPORTS) so that linters and editors read it; tests/test_imports.py keeps them equal.
@@ -47,7 +47,7 @@ __all__ = [
 if TYPE_CHECKING:
     from trl_plw.attention import VARLEN_ATTENTION, select_attn_implementation
     from trl_plw.collator import DataCollatorForWeightedCompletionLM
-    from trl_plw.models import load_model, load_model_and_tokenizer, load_tokenizer
+    from trl_plw.experiments.offline_model import load_model, load_model_and_tokenizer, load_tokenizer
     from trl_plw.ops import TokenStats, weighted_linear_cross_entropy
     from trl_plw.roles import RoleWeights
     from trl_plw.schedules import prompt_weight_at

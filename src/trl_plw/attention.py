@@ -22,7 +22,7 @@ Nothing is registered by importing this module. :func:`register_attention_backen
 transformers' ``AttentionInterface`` (the attention function) and ``AttentionMaskInterface`` (a mask function that
 never builds a dense mask); call it (any number of times) before
 ``AutoModelForCausalLM.from_pretrained(..., attn_implementation="plw_varlen")`` or
-``model.set_attn_implementation("plw_varlen")``. `trl_plw.PLWTrainer` and `trl_plw.models.load_model` call it
+``model.set_attn_implementation("plw_varlen")``. `trl_plw.PLWTrainer` and `trl_plw.experiments.offline_model.load_model` call it
 themselves when they are given, or select, one of the backends defined here (:func:`ensure_registered`).
 """
 

@@ -320,7 +320,7 @@ class PLWTrainer(SFTTrainer):
         """Pick an attention backend for the device unless one is given, and register it if it is one of ours.
 
         The name itself is passed to TRL unchanged (a Hub id or a local folder): demo aliases such as the offline
-        default model are resolved by the commands that offer them (`trl_plw.models.resolve_model_path`)."""
+        default model are resolved by the commands that offer them (`trl_plw.experiments.offline_model.resolve_model_path`)."""
         from trl_plw.attention import select_attn_implementation
 
         kwargs = dict(args.model_init_kwargs or {})

@@ -15,7 +15,7 @@ from conftest import make_tiny_llama  # noqa: E402
 from test_trainer import common_args, prompt_completion_dataset  # noqa: E402
 
 from trl_plw import PLWConfig, PLWTrainer  # noqa: E402
-from trl_plw.models import load_tokenizer  # noqa: E402
+from trl_plw.experiments.offline_model import load_tokenizer  # noqa: E402
 
 
 def main(out_path: str, per_device_batch: int, normalization: str) -> None:

@@ -1,6 +1,6 @@
 """Regime exploration for the CPU RACE reproduction: one prompt-loss weight, many training regimes.
 
-Each configuration is a set of `RacePreset` overrides; the script trains it with `trl_plw.race_experiment.run_one`,
+Each configuration is a set of `RacePreset` overrides; the script trains it with `trl_plw.experiments.race.run_one`,
 records the answer-accuracy / completion-loss curve and the wall time, and appends one JSON line per configuration
 to ``OUT/results.jsonl``. Configurations already in that file are skipped, so a killed exploration continues.
 
@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from trl_plw.race_experiment import PRESETS, load_race_splits
-from trl_plw.sweep import resolve_bf16, run_one
+from trl_plw.experiments.race import PRESETS, load_race_splits
+from trl_plw.experiments.sweep import resolve_bf16, run_one
 
 
 def main(out: str, configs_path: str) -> None:

@@ -2,7 +2,7 @@
 
 For each prompt-loss weight, fine-tune on RACE-format multiple-choice data and evaluate on a schedule: prompt loss,
 completion loss, full-sequence loss and answer accuracy (with Wilson 95% intervals), all from the fused pass. The
-outputs are those of `trl_plw.sweep` (the stopping-rule table, steps to the completion-loss minimum, best accuracy,
+outputs are those of `trl_plw.experiments.sweep` (the stopping-rule table, steps to the completion-loss minimum, best accuracy,
 generation ratio and a recommended weight) plus ``race_sweep.png``.
 
 Presets:
@@ -20,14 +20,12 @@ Presets:
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
-import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
-from trl_plw.sweep import ARTICLE_SWEEP, SweepConfig, add_config_arguments, config_from_args, run_from_args
+from trl_plw.experiments.sweep import ARTICLE_SWEEP, SweepConfig
 
 
 @dataclass
@@ -90,7 +88,7 @@ PRESETS: dict[str, RacePreset] = {
 
 # ---------------------------------------------------------------------------------------------------------- data
 def _load(preset: RacePreset, split: str, n: int | None, seed: int):
-    from trl_plw.data.race import load_race
+    from trl_plw.experiments.data.race import load_race
 
     extra = (
         {"length": preset.synthetic_length, "residents": preset.synthetic_residents}
@@ -108,7 +106,7 @@ def select_packed_rows(dataset, tokenizer, max_length: int, n_rows: int, seed: i
     that order (first fit over the open rows) until ``n_rows`` rows are full; only the examples needed are
     tokenized. Returns the selected examples and the counts (examples, dropped, rows, fill).
     """
-    from trl_plw.gen_ratio import compute_token_lengths
+    from trl_plw.experiments.gen_ratio import compute_token_lengths
 
     order = list(range(len(dataset)))
     random.Random(seed).shuffle(order)
@@ -151,7 +149,7 @@ def load_race_splits(preset: RacePreset, seed: int = 0, tokenizer: Any | None = 
     evaluation = _load(preset, "validation", preset.eval_examples, seed)
     if preset.train_packed_rows or preset.eval_packed_rows:
         if tokenizer is None:
-            from trl_plw.models import load_tokenizer
+            from trl_plw.experiments.offline_model import load_tokenizer
 
             tokenizer = load_tokenizer(preset.model)
         if preset.train_packed_rows:
@@ -175,7 +173,7 @@ def _model_sizes(model: str) -> tuple[dict[str, int], str]:
     try:
         from transformers import AutoConfig
 
-        from trl_plw.models import resolve_model_path
+        from trl_plw.experiments.offline_model import resolve_model_path
 
         cfg = AutoConfig.from_pretrained(resolve_model_path(model))
         keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -198,7 +196,12 @@ def memory_estimate(sizes: dict[str, int], preset: RacePreset) -> dict[str, floa
       T^2 term); without checkpointing every layer's.
     * logits: the fused loss never builds [tokens, vocab]; shown is what a full-logits fp32 loss would add.
     """
-    h, i, n_layers, v = sizes["hidden_size"], sizes["intermediate_size"], sizes["num_hidden_layers"], sizes["vocab_size"]
+    h, i, n_layers, v = (
+        sizes["hidden_size"],
+        sizes["intermediate_size"],
+        sizes["num_hidden_layers"],
+        sizes["vocab_size"],
+    )
     kv = h * sizes["num_key_value_heads"] // sizes["num_attention_heads"]
     linear_shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # q k v o gate up down
     params = n_layers * (sum(a * b for a, b in linear_shapes) + 2 * h) + 2 * v * h + h
@@ -224,14 +227,14 @@ def memory_estimate(sizes: dict[str, int], preset: RacePreset) -> dict[str, floa
 
 def _dry_run_tokenizer(preset: RacePreset, name: str | None) -> tuple[Any, str]:
     """The model's tokenizer; offline, the SmolLM2 tokenizer wearing the Llama-2 chat template (approximate)."""
-    from trl_plw.models import load_tokenizer
+    from trl_plw.experiments.offline_model import load_tokenizer
 
     try:
         return load_tokenizer(name or preset.model), name or preset.model
     except Exception as err:  # noqa: BLE001 - Hub unreachable, gated model, missing folder: all fall back
         if name is not None:
             raise
-        from trl_plw.data.chat_templates import LLAMA2_CHAT_TEMPLATE
+        from trl_plw.experiments.data.chat_templates import LLAMA2_CHAT_TEMPLATE
 
         tokenizer = load_tokenizer("smollm2-135m")
         tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
@@ -258,7 +261,7 @@ def dry_run(preset: RacePreset, tokenizer_name: str | None = None, world_size: i
     """Everything the preset would train on and what it would cost, without a model or a GPU. Prints a report."""
     import numpy as np
 
-    from trl_plw.gen_ratio import compute_generation_ratios, summarize_ratios
+    from trl_plw.experiments.gen_ratio import compute_generation_ratios, summarize_ratios
 
     tokenizer, tok_note = _dry_run_tokenizer(preset, tokenizer_name)
     train, evaluation, data_note = _dry_run_data(preset)
@@ -332,37 +335,3 @@ def format_dry_run(preset: RacePreset, report: dict[str, Any]) -> str:
         f"{m['full_logits_fp32_gib_avoided']:.1f} GiB, which the fused loss never builds"
     )
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------- CLI
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "race",
-        help="RACE prompt-loss-weight experiment (sweep or one weight).",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-demo")
-    add_config_arguments(p, RacePreset)
-    p.add_argument("--output-dir", default="runs/race")
-    p.add_argument("--dry-run", action="store_true", help="Format, count and estimate; train nothing.")
-    p.add_argument("--tokenizer", default=None, help="Dry run: tokenizer folder or id (default: the model's).")
-    p.set_defaults(func=run)
-
-
-def preset_from_args(args: argparse.Namespace) -> RacePreset:
-    return config_from_args(PRESETS[args.preset], args)
-
-
-def run(args: argparse.Namespace) -> int:
-    preset = preset_from_args(args)
-    if args.dry_run:
-        dry_run(preset, args.tokenizer)
-        return 0
-    return run_from_args(preset, args, load_splits=load_race_splits, plot_name="race_sweep.png")
-
-
-if __name__ == "__main__":
-    from trl_plw.cli import main
-
-    sys.exit(main(["race", *sys.argv[1:]]))

@@ -5,7 +5,7 @@ Light at import: `datasets` is imported only when a loader runs.
 
 from __future__ import annotations
 
-from trl_plw.data.race import (
+from trl_plw.experiments.data.race import (
     METADATA_COLUMNS,
     OPTION_TEMPLATE,
     RACE_CONFIGS,
@@ -20,7 +20,7 @@ from trl_plw.data.race import (
     load_raw_dataset,
     validate_race_row,
 )
-from trl_plw.data.synthetic_race import ANSWER_LETTERS, LENGTH_PRESETS, QUESTION_TYPES, generate_race_rows
+from trl_plw.experiments.data.synthetic_race import ANSWER_LETTERS, LENGTH_PRESETS, QUESTION_TYPES, generate_race_rows
 
 __all__ = [
     "ANSWER_LETTERS",

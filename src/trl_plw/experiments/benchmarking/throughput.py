@@ -17,7 +17,7 @@ Five trainer configurations run on the same model and the same examples:
 
 on two datasets:
 
-* ``race``: RACE-format rows from ``trl_plw.data.race.load_race("synthetic")``: long passage prompts, a one-letter
+* ``race``: RACE-format rows from ``trl_plw.experiments.data.race.load_race("synthetic")``: long passage prompts, a one-letter
   answer (Rg = completion / prompt tokens ~ 0.01);
 * ``instruct``: a deterministic instruction mix generated here (reverse / sort / number a list of words, continue a
   numbered list, rewrite a sentence in capitals) whose completions are about as long as their prompts (Rg ~ 1).
@@ -50,9 +50,9 @@ Usage::
     python benchmarks/throughput.py --quick           # smoke run, ~1-2 min
     python benchmarks/throughput.py --bf16 --out throughput.json
     trl-plw bench --quick                             # the same, through the package CLI (works from a wheel)
-    python -m trl_plw.benchmarking.throughput --quick # the same again
+    python -m trl_plw.experiments.benchmarking.throughput --quick # the same again
 
-The code lives in the package (``trl_plw.benchmarking.throughput``) so that ``trl-plw bench`` works from an
+The code lives in the package (``trl_plw.experiments.benchmarking.throughput``) so that ``trl-plw bench`` works from an
 installed wheel; ``benchmarks/throughput.py`` is a thin wrapper kept for the documented commands.
 
 On CUDA the default run adds a Llama-3-shaped model built from its config (vocabulary 128,256, a few layers) at
@@ -75,7 +75,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trl_plw.benchmarking.common import MiB, current_rss_bytes, loadavg, machine_info, peak_rss_bytes
+from trl_plw.experiments.benchmarking.common import MiB, current_rss_bytes, loadavg, machine_info, peak_rss_bytes
 
 # name -> (label, trainer kind, packed)
 TRAINERS: dict[str, tuple[str, str, bool]] = {
@@ -312,7 +312,7 @@ def build_dataset(spec: dict[str, Any]):
     from datasets import Dataset
 
     if spec["dataset"] == "race":
-        from trl_plw.data.race import load_race
+        from trl_plw.experiments.data.race import load_race
 
         length = spec["race_length"]
         return load_race(
@@ -332,7 +332,7 @@ def dataset_stats(dataset, tokenizer, max_length: int) -> dict[str, Any]:
     from datasets import Dataset
     from trl.data_utils import pack_dataset
 
-    from trl_plw.gen_ratio import compute_generation_ratios, summarize_ratios
+    from trl_plw.experiments.gen_ratio import compute_generation_ratios, summarize_ratios
     from trl_plw.roles import tokenize_prompt_completion
 
     lengths = [
@@ -514,7 +514,7 @@ def build_model(spec: dict[str, Any], attn_implementation: str):
 
     preset = MODELS.get(spec["model"])
     if preset is None or "pretrained" in preset:
-        from trl_plw.models import load_model
+        from trl_plw.experiments.offline_model import load_model
 
         name = spec["model"] if preset is None else preset["pretrained"]
         return load_model(name, dtype=torch.float32, attn_implementation=attn_implementation)
@@ -647,7 +647,7 @@ def run_config(
         torch.set_num_threads(spec["threads"])
     set_seed(spec["seed"])
     if tokenizer is None:
-        from trl_plw.models import load_tokenizer
+        from trl_plw.experiments.offline_model import load_tokenizer
 
         tokenizer = load_tokenizer(spec.get("tokenizer", "smollm2-135m"))
     if dataset is None:
@@ -743,7 +743,7 @@ def _run_worker(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
         cmd = [
             sys.executable,
             "-m",
-            "trl_plw.benchmarking.throughput",
+            "trl_plw.experiments.benchmarking.throughput",
             "--worker",
             str(spec_path),
             "--worker-out",
@@ -1003,7 +1003,7 @@ def plan_dataset(dataset: str, profile: dict[str, Any], args: argparse.Namespace
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    from trl_plw.models import load_tokenizer
+    from trl_plw.experiments.offline_model import load_tokenizer
 
     device, profile = plan(args)
     trainers = args.trainers.split(",") if args.trainers else list(TRAINERS)

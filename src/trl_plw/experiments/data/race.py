@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from trl_plw.data.synthetic_race import ANSWER_LETTERS, LENGTH_PRESETS, generate_race_rows
+from trl_plw.experiments.data.synthetic_race import ANSWER_LETTERS, LENGTH_PRESETS, generate_race_rows
 
 # fmt: off
 RACE_PROMPT_TEMPLATE = (

@@ -33,7 +33,7 @@ def load_any_dataset(name: str, config: str | None = None, split: str = "train")
     import datasets
 
     if name == "race-synthetic":
-        from trl_plw.data.race import load_race
+        from trl_plw.experiments.data.race import load_race
 
         return load_race("synthetic", split=split)
     suffix = Path(name).suffix.lower()
@@ -51,7 +51,7 @@ def normalize_bf16_flags(argv: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-    from trl_plw.models import load_model, load_tokenizer
+    from trl_plw.experiments.offline_model import load_model, load_tokenizer
     from trl_plw.trainer import PLWConfig, PLWTrainer
 
     parser = TrlParser((ScriptArguments, PLWConfig, ModelConfig), prog="trl-plw sft")

@@ -1,4 +1,4 @@
-"""``trl-plw bench``: the end-to-end throughput and memory benchmark (``trl_plw.benchmarking.throughput``).
+"""``trl-plw bench``: the end-to-end throughput and memory benchmark (``trl_plw.experiments.benchmarking.throughput``).
 
 The benchmark ships inside the package, so the command works the same from a source checkout and from an
 installed wheel. Its module imports only the standard library at import time (torch, transformers and TRL are
@@ -12,7 +12,7 @@ import argparse
 
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``bench``. Its options come from the benchmark module itself, so the two never drift apart."""
-    from trl_plw.benchmarking import throughput
+    from trl_plw.experiments.benchmarking import throughput
 
     parser = subparsers.add_parser(
         "bench",

@@ -21,13 +21,12 @@ same command skips every run that has its ``done.json`` and continues with the w
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +92,12 @@ def load_sweep_splits(config: SweepConfig, seed: int = 0):
     ``messages`` and text columns pass through unchanged (PLWTrainer applies chat and response templates). Without
     an ``eval_split``, ``eval_examples`` rows are held out of the training split, drawn with ``seed``.
     """
-    from trl_plw.data.race import format_race_example, load_raw_dataset
+    from trl_plw.experiments.data.race import format_race_example, load_raw_dataset
 
     raw = load_raw_dataset(config.dataset, config.dataset_config, config.train_split)
-    raw_eval = load_raw_dataset(config.dataset, config.dataset_config, config.eval_split) if config.eval_split else None
+    raw_eval = (
+        load_raw_dataset(config.dataset, config.dataset_config, config.eval_split) if config.eval_split else None
+    )
 
     def prepare(table):
         columns = table.column_names
@@ -110,9 +111,7 @@ def load_sweep_splits(config: SweepConfig, seed: int = 0):
             )
         if config.prompt_column in columns and config.completion_column in columns:
             renames = {
-                k: v
-                for k, v in ((config.prompt_column, "prompt"), (config.completion_column, "completion"))
-                if k != v
+                k: v for k, v in ((config.prompt_column, "prompt"), (config.completion_column, "completion")) if k != v
             }
             return table.select_columns([config.prompt_column, config.completion_column]).rename_columns(renames)
         if "messages" in columns:
@@ -217,7 +216,7 @@ def run_one(config: SweepConfig, plw: float, output_dir: Path, datasets, seed: i
     from transformers import TrainerCallback
 
     from trl_plw.attention import select_attn_implementation
-    from trl_plw.models import load_model, load_tokenizer
+    from trl_plw.experiments.offline_model import load_model, load_tokenizer
     from trl_plw.trainer import PLWTrainer
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -344,8 +343,8 @@ def generation_ratio(train: Any, model: str, max_examples: int = 1000) -> dict[s
     if "text" in train.column_names:
         return None
     try:
-        from trl_plw.gen_ratio import compute_generation_ratios, summarize_ratios
-        from trl_plw.models import load_tokenizer
+        from trl_plw.experiments.gen_ratio import compute_generation_ratios, summarize_ratios
+        from trl_plw.experiments.offline_model import load_tokenizer
 
         ratios = compute_generation_ratios(train.select(range(min(len(train), max_examples))), load_tokenizer(model))
         summary = summarize_ratios(ratios)
@@ -426,8 +425,10 @@ def summarize(events: list[dict[str, Any]], plws: Sequence[float], n_eval: int |
             per_seed.setdefault("final_prompt_loss", []).append(evals[-1].get("eval_prompt_loss", math.nan))
             per_seed.setdefault("final_completion_loss", []).append(evals[-1].get("eval_completion_loss", math.nan))
             per_seed.setdefault("epoch_at_min_comp_loss", []).append(
-                next((e.get("epoch", math.nan) for e in evals if e["step"] == per_seed["min_comp_loss_step"][-1]),
-                     math.nan)  # fmt: skip
+                next(
+                    (e.get("epoch", math.nan) for e in evals if e["step"] == per_seed["min_comp_loss_step"][-1]),
+                    math.nan,
+                )  # fmt: skip
             )
             wall = [e["wall_seconds"] for e in events if e["plw"] == plw and e.get("seed", 0) == seed
                     and "wall_seconds" in e]  # fmt: skip
@@ -500,8 +501,11 @@ def findings_markdown(rows: list[dict[str, Any]]) -> str:
     lines.append(
         "1. Stopping rule: accuracy at the completion-loss minimum minus at the full-sequence-loss minimum is "
         + ", ".join(f"{d:+.3f} (PLW {r['plw']:g})" for d, r in zip(diffs, rows, strict=True))
-        + (f"; intervals separate for PLW {', '.join(f'{p:g}' for p in separated)}." if separated
-           else "; no weight has separated intervals.")  # fmt: skip
+        + (
+            f"; intervals separate for PLW {', '.join(f'{p:g}' for p in separated)}."
+            if separated
+            else "; no weight has separated intervals."
+        )  # fmt: skip
     )
     lines.append(
         "2. Steps to the completion-loss minimum: "
@@ -556,8 +560,11 @@ def recommend(rows: list[dict[str, Any]], gen_ratio: dict[str, Any] | None) -> d
     # Learned = the best interval clears the interval of the accuracy before training (step 0).
     learned = math.isnan(top[f"{key}_ci"][0]) or not _overlap(top[f"{key}_ci"], top["initial_acc_ci"])
     if not learned:
-        lines.insert(1, "- **Weak evidence**: the best interval overlaps that of the accuracy before training (the "
-                        "model did not measurably learn the task), so this is the article's prior, not a finding.")
+        lines.insert(
+            1,
+            "- **Weak evidence**: the best interval overlaps that of the accuracy before training (the "
+            "model did not measurably learn the task), so this is the article's prior, not a finding.",
+        )
     lines.append("- Stop on the validation completion loss, not on the full-sequence loss.")
     return {"plw": choice["plw"], "tied": [r["plw"] for r in tied], "learned": learned, "text": "\n".join(lines)}
 
@@ -578,6 +585,9 @@ def plot_sweep(events: list[dict[str, Any]], plws: Sequence[float], path: Path) 
 
     With several seeds, each curve is the seed mean at each step.
     """
+    from trl_plw.experiments import require_matplotlib
+
+    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -610,99 +620,3 @@ def plot_sweep(events: list[dict[str, Any]], plws: Sequence[float], path: Path) 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------------------- CLI
-def _int_or_range(value: str) -> int | tuple[int, int]:
-    """``3`` or ``1,3`` (a range)."""
-    return tuple(int(x) for x in value.split(",")) if "," in value else int(value)  # type: ignore[return-value]
-
-
-def _name_or_range(value: str) -> str | tuple[int, int]:
-    """``short`` or ``20,40`` (a range)."""
-    return tuple(int(x) for x in value.split(",")) if "," in value else value  # type: ignore[return-value]
-
-
-def _arg_type(annotation: str) -> Callable[[str], Any]:
-    """argparse type of a dataclass field from its (string) annotation: ``int | None`` -> int, ..."""
-    if "tuple[int, int]" in annotation:
-        return _name_or_range if annotation.startswith("str") else _int_or_range
-    first = annotation.split("|")[0].strip()
-    return {"int": int, "float": float}.get(first, str)
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[SweepConfig]) -> None:
-    """One ``--field-name`` flag per config field (default None: the preset's value stays), shared by race/sweep."""
-    special = {"plws", "seeds", "extra", "bf16", "packing", "answer_tokens"}
-    for f in fields(config_cls):
-        flag = f"--{f.name.replace('_', '-')}"
-        if f.name in special:
-            continue
-        if str(f.type).startswith("bool"):  # --x/--no-x, so a False can be given (a str "False" would be true)
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            parser.add_argument(flag, dest=f.name, type=_arg_type(str(f.type)), default=None)
-    parser.add_argument("--plw", type=float, nargs="+", dest="plws", help="Prompt loss weight(s) to sweep.")
-    parser.add_argument("--seeds", type=int, nargs="+", help="Seeds; each weight is trained once per seed.")
-    parser.add_argument("--answer-tokens", nargs="+", help="Single-token answers (e.g. A B C D): answer accuracy.")
-    parser.add_argument(
-        "--bf16", action=argparse.BooleanOptionalAction, default=None,
-        help="bf16 autocast. Default: only where bf16 is native (GPU, AVX512-BF16/AMX CPUs), else fp32.",
-    )  # fmt: skip
-    parser.add_argument(
-        "--packing", action=argparse.BooleanOptionalAction, default=None,
-        help="Pack rows (BFD, padding-free). Default: the preset's (off on CPU).",
-    )  # fmt: skip
-    parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--no-resume", action="store_true", help="Retrain runs that already finished.")
-
-
-def config_from_args(base: SweepConfig, args: argparse.Namespace) -> SweepConfig:
-    """``base`` with every flag the user gave (a flag left at None keeps the preset's value)."""
-    names = {f.name for f in fields(base)}
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    for key in ("plws", "seeds", "answer_tokens"):
-        if key in overrides:
-            overrides[key] = tuple(overrides[key])
-    return replace(base, **overrides)
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "sweep",
-        help="Prompt-loss-weight sweep on any dataset: stopping-rule table, findings, recommended weight.",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_arguments(p, SweepConfig)
-    p.add_argument("--output-dir", default="runs/sweep")
-    p.set_defaults(func=run_cli)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    config = config_from_args(SweepConfig(), args)
-    if not config.dataset:
-        raise SystemExit("trl-plw sweep: error: --dataset PATH_OR_ID is required")
-    return run_from_args(config, args)
-
-
-def run_from_args(
-    config: SweepConfig,
-    args: argparse.Namespace,
-    *,
-    load_splits: Callable[[SweepConfig, int], tuple[Any, Any]] = load_sweep_splits,
-    plot_name: str = "sweep.png",
-) -> int:
-    """Run the sweep with the output flags of `add_config_arguments` and print the report (sweep and race)."""
-    result = run_sweep(
-        config,
-        Path(args.output_dir),
-        load_splits=load_splits,
-        plots=not args.no_plots,
-        plot_name=plot_name,
-        resume=not args.no_resume,
-    )
-    print(result["text"])
-    files = "summary.md, summary.json, metrics.csv" + ("" if args.no_plots else f", {plot_name}")
-    print(f"\nWrote {files} in {args.output_dir}")
-    return 0
