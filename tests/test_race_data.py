@@ -95,6 +95,23 @@ def test_chat_rendering_with_smollm2(smollm2_tokenizer):
         assert plain["completion"] == letter + "<|im_end|>"
 
 
+def test_system_prompt_replaces_the_template_default(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    row = fixture_rows()[0]
+    default = format_race_example(row)
+    empty = format_race_example(row, system_prompt="")
+    assert empty["prompt"][0] == {"role": "system", "content": ""} and empty["prompt"][1:] == default["prompt"]
+    assert empty["completion"] == default["completion"]
+    n_default, n_empty = (
+        len(tok(tok.apply_chat_template(e["prompt"], tokenize=False, add_generation_prompt=True))["input_ids"])
+        for e in (default, empty)
+    )
+    assert "SmolLM" in tok.apply_chat_template(default["prompt"], tokenize=False)  # the template's own default
+    assert n_default - n_empty == 16
+    loaded = load_race("synthetic", n=2, system_prompt="Answer with one letter.")
+    assert all(p[0] == {"role": "system", "content": "Answer with one letter."} for p in loaded["prompt"])
+
+
 def test_plain_variant_needs_a_tokenizer():
     with pytest.raises(ValueError, match="tokenizer"):
         format_race_example(fixture_rows()[0], conversational=False)

@@ -29,6 +29,11 @@ def _write_jsonl(path, n=14):
             f.write("\n")
 
 
+def _step0(run_folder):
+    events = [json.loads(x) for x in (run_folder / "metrics.jsonl").read_text().splitlines()]
+    return next(e for e in events if e["step"] == 0 and "eval_completion_loss" in e)
+
+
 def test_sweep_cli_on_local_jsonl_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "mine.jsonl"
     _write_jsonl(data)
@@ -81,6 +86,21 @@ def test_sweep_cli_on_local_jsonl_end_to_end_and_resume(tiny_model_dir, tmp_path
     evals = [json.loads(x) for x in (out / "plw_1" / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals if "eval_completion_loss" in e] == [0, 2]
 
+    # The untrained model is evaluated once: PLW 0's step 0 is PLW 1's, and equals what PLW 0 computes itself.
+    shared = _step0(out / "plw_0")
+    assert shared["initial_eval_shared_from"] == 1.0 and "eval_loss" not in shared
+    assert "initial_eval_shared_from" not in _step0(out / "plw_1")
+    fresh_out = tmp_path / "fresh"
+    assert main([*common[:-1], str(fresh_out), "--plw", "0", "--no-share-initial-eval"]) == 0
+    fresh = _step0(fresh_out / "plw_0")
+    assert "initial_eval_shared_from" not in fresh
+    metrics = [k for k in fresh if k.startswith("eval_") and k not in ("eval_loss", "eval_runtime")
+               and not k.endswith("per_second")]  # fmt: skip
+    assert {"eval_prompt_loss", "eval_completion_loss", "eval_sequence_loss", "eval_answer_accuracy"} <= set(metrics)
+    for key in metrics:
+        # The same model on the same items: equal up to float32 summation order (a few ulps of a loss ~ 10).
+        assert shared[key] == pytest.approx(fresh[key], rel=1e-6, abs=1e-7), key
+
     # Resume: the finished weights are read back, only the new one trains.
     before = (out / "plw_1" / "metrics.jsonl").stat().st_mtime_ns
     capsys.readouterr()
@@ -129,3 +149,18 @@ def test_summary_pools_seeds_and_reports_the_three_findings():
     assert rec["plw"] == 0.1 and "Rt = 0.01" in rec["text"] and rec["learned"] and "Weak evidence" not in rec["text"]
     flat = dict(row, initial_acc_ci=[0.55, 0.7])
     assert not recommend([flat], None)["learned"] and "Weak evidence" in recommend([flat], None)["text"]
+
+
+def test_sort_by_length_orders_rows_and_keeps_them():
+    import datasets
+
+    from trl_plw.experiments.sweep import sort_by_length
+
+    rows = [
+        {"prompt": [{"role": "user", "content": "x" * n}], "completion": [{"role": "assistant", "content": "A"}]}
+        for n in (30, 5, 17, 5)
+    ]
+    ordered = sort_by_length(datasets.Dataset.from_list(rows))
+    assert [len(r["prompt"][0]["content"]) for r in ordered] == [5, 5, 17, 30]
+    text = sort_by_length(datasets.Dataset.from_list([{"text": "bb"}, {"text": "a"}]))
+    assert text["text"] == ["a", "bb"]

@@ -38,6 +38,8 @@ class RacePreset(SweepConfig):
     # Article length (words) and people per article of the synthetic data (see docs/DATA.md).
     synthetic_length: str | tuple[int, int] = (20, 40)
     synthetic_residents: int | tuple[int, int] | None = 1
+    # The system message of every example; None: the chat template's own (SmolLM2 inserts a 21-token default).
+    system_prompt: str | None = None
     # The article's subsampling: whole packed rows of `max_length` tokens, drawn with `subsample_seed` after
     # dropping examples longer than a row. None: `train_examples`/`eval_examples` examples instead.
     train_packed_rows: int | None = None
@@ -95,7 +97,15 @@ def _load(preset: RacePreset, split: str, n: int | None, seed: int):
         if preset.dataset in ("synthetic", "race-synthetic")
         else {}
     )
-    return load_race(preset.dataset, config=preset.dataset_config or "all", split=split, n=n, seed=seed, **extra)
+    return load_race(
+        preset.dataset,
+        config=preset.dataset_config or "all",
+        split=split,
+        n=n,
+        seed=seed,
+        system_prompt=preset.system_prompt,
+        **extra,
+    )
 
 
 def select_packed_rows(dataset, tokenizer, max_length: int, n_rows: int, seed: int) -> tuple[Any, dict[str, Any]]:

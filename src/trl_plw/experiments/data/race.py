@@ -185,7 +185,11 @@ def _render_chat_pair(
 
 
 def format_race_example(
-    row: Mapping[str, Any], *, conversational: bool = True, tokenizer: Any | None = None
+    row: Mapping[str, Any],
+    *,
+    conversational: bool = True,
+    tokenizer: Any | None = None,
+    system_prompt: str | None = None,
 ) -> dict[str, Any]:
     """Turn one RACE-schema row into a TRL prompt-completion example.
 
@@ -195,10 +199,16 @@ def format_race_example(
     With ``conversational=False``: plain strings already rendered through ``tokenizer``'s chat template; for ChatML
     ``prompt`` ends with ``<|im_start|>assistant\\n`` and ``completion`` is ``"B<|im_end|>"``.
 
+    ``system_prompt`` (a string, ``""`` included) opens the prompt with that system message. Chat templates that
+    insert a default system prompt when none is given (SmolLM2, Qwen2) then render this one instead; ``""`` shortens
+    every SmolLM2 row by 16 tokens. None (default): no system message, the template's own default.
+
     Raises `RaceFormatError` for an invalid row (see `validate_race_row`).
     """
     article, question, options, answer = validate_race_row(row)
     prompt = [{"role": "user", "content": format_race_prompt(article, question, options)}]
+    if system_prompt is not None:
+        prompt.insert(0, {"role": "system", "content": system_prompt})
     completion = [{"role": "assistant", "content": answer}]
     if conversational:
         return {"prompt": prompt, "completion": completion}
@@ -276,6 +286,7 @@ def load_race(
     keep_metadata: bool = False,
     length: str | tuple[int, int] | None = None,
     residents: int | tuple[int, int] | None = None,
+    system_prompt: str | None = None,
     num_proc: int | None = None,
     **load_kwargs: Any,
 ):
@@ -298,6 +309,7 @@ def load_race(
             ``prompt``/``completion``.
         length: synthetic only: overrides the length range chosen by ``config`` (see `LENGTH_PRESETS`).
         residents: synthetic only: people per article (see `generate_race_rows`); default 4-7.
+        system_prompt: the system message of every example (see `format_race_example`); None: the template's.
         num_proc: processes for ``Dataset.map`` (Hub and local sources).
         **load_kwargs: forwarded to ``datasets.load_dataset`` (``revision``, ``cache_dir``, ...).
     """
@@ -318,7 +330,9 @@ def load_race(
         )
         examples = []
         for row in rows:
-            example = format_race_example(row, conversational=conversational, tokenizer=tokenizer)
+            example = format_race_example(
+                row, conversational=conversational, tokenizer=tokenizer, system_prompt=system_prompt
+            )
             if keep_metadata:
                 example.update({c: row[c] for c in METADATA_COLUMNS if c in row})
             examples.append(example)
@@ -338,7 +352,7 @@ def load_race(
     remove = [c for c in raw.column_names if c not in keep]
     return raw.map(
         format_race_example,
-        fn_kwargs={"conversational": conversational, "tokenizer": tokenizer},
+        fn_kwargs={"conversational": conversational, "tokenizer": tokenizer, "system_prompt": system_prompt},
         remove_columns=remove,
         num_proc=num_proc,
         desc="Formatting RACE",
