@@ -8,8 +8,8 @@ generation ratio and a recommended weight) plus ``race_sweep.png``.
 Presets:
 * ``cpu-demo`` (default, ``make demo``): the offline SmolLM2-135M on offline synthetic RACE-format data in the
   regime chosen by the exploration in docs/results/race-exploration (short passages the 135M model learns to
-  read), three weights; measured 30.6 minutes on 2 CPU cores with native bf16 (README).
-* ``cpu-long``: the same regime at the article's six weights (about 60 minutes by the demo's per-run times).
+  read), three weights; measured 31-34 minutes on 2 CPU cores with native bf16 (README).
+* ``cpu-long``: the same regime at the article's six weights; measured 66.7 minutes (docs/results/race-cpu-long).
 * ``paper``: the article's setup for a GPU user with network: Llama-2-7b-chat-hf, ``ehovy/race`` (all), 2,000
   packed training rows and 500 packed validation rows of up to 2,048 tokens (subsampled with seed 1234, longer
   examples dropped), 10 epochs, batch 8, evaluation every 20 steps, LoRA r=64/alpha=64/dropout 0.1 on all linear

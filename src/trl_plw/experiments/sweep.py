@@ -247,6 +247,9 @@ def run_one(
     ``eval_loss``) instead of evaluating again. ``done.json`` is written last, so a run killed half-way has none and
     is rerun from scratch on resume.
     """
+    import random
+
+    import numpy as np
     import torch
     from transformers import TrainerCallback
 
@@ -270,6 +273,33 @@ def run_one(
         def on_log(self, args, state, control, logs=None, **kwargs):
             record({"plw": plw, "seed": seed, "step": state.global_step, **(logs or {})})
 
+    class TrainingRngIndependentOfInitialEval(TrainerCallback):
+        """Training starts from the RNG state it had before the step-0 evaluation, evaluated or shared.
+
+        Every DataLoader iterator draws a seed from the global RNG, so an evaluation before the first step shifts
+        the stream that LoRA dropout then uses. Without this, a run whose step 0 is shared trains differently from
+        the same run evaluated at step 0; on the CPU RACE regime that alone decided whether PLW 0.1 learned the
+        task by step 60 (docs/results/race-cpu-long).
+        """
+
+        def __init__(self) -> None:
+            self.saved: tuple[Any, ...] | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+            self.saved = (torch.get_rng_state(), cuda, random.getstate(), np.random.get_state())
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            if self.saved is None:
+                return
+            cpu, cuda, python, numpy_state = self.saved
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+            random.setstate(python)
+            np.random.set_state(numpy_state)
+            self.saved = None
+
     if initial_eval is not None:
         shared = {k: v for k, v in initial_eval.items() if k not in ("eval_loss", "plw", "seed")}
         record({"plw": plw, "seed": seed, **shared, "initial_eval_shared_from": initial_eval["plw"]})
@@ -287,7 +317,7 @@ def run_one(
         eval_dataset=sort_by_length(evaluation),
         processing_class=load_tokenizer(config.model),
         peft_config=_lora_config(config) if config.lora_r > 0 else None,
-        callbacks=[Recorder()],
+        callbacks=[Recorder(), TrainingRngIndependentOfInitialEval()],
     )
     start = time.perf_counter()
     trainer.train()
