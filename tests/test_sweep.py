@@ -34,6 +34,10 @@ def _eval_at(run_folder, step):
     return next(e for e in events if e["step"] == step and "eval_completion_loss" in e)
 
 
+def _last(run_folder):
+    return [json.loads(x) for x in (run_folder / "metrics.jsonl").read_text().splitlines()][-1]
+
+
 def _step0(run_folder):
     return _eval_at(run_folder, 0)
 
@@ -118,6 +122,15 @@ def test_sweep_cli_on_local_jsonl_end_to_end_and_resume(tiny_model_dir, tmp_path
     assert (out / "plw_1" / "metrics.jsonl").stat().st_mtime_ns == before
     assert (out / "plw_0.1" / "done.json").is_file()
     assert [r["plw"] for r in json.loads((out / "summary.json").read_text())["rows"]] == [1.0, 0.0, 0.1]
+    assert _last(out / "plw_0.1")["attn_implementation"] == "sdpa"  # the CPU default
+
+    # Resuming with other settings would mix two sweeps in one table: refused, naming the field and the fix.
+    with pytest.raises(ValueError, match=r"attn_implementation: None -> 'eager'.*--no-resume"):
+        main([*common, "--plw", "1", "0", "--attn-implementation", "eager"])
+    # The override reaches the model.
+    eager_out = tmp_path / "eager"
+    assert main([*common[:-1], str(eager_out), "--plw", "0", "--attn-implementation", "eager"]) == 0
+    assert _last(eager_out / "plw_0")["attn_implementation"] == "eager"
 
 
 def test_wilson_interval_known_values():

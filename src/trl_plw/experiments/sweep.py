@@ -78,6 +78,9 @@ class SweepConfig:
     # emulated bf16 is ~3x slower than fp32 on CPU (trl_plw.precision).
     bf16: bool | None = None
     gradient_checkpointing: bool = False
+    # None/"auto": `trl_plw.attention.select_attn_implementation` (sdpa on CPU, a varlen kernel for packed GPU rows);
+    # or a name ("eager", "sdpa", ...), validated against the device.
+    attn_implementation: str | None = None
     loss_normalization: str = "weights"
     seeds: tuple[int, ...] = (0,)
     plws: tuple[float, ...] = ARTICLE_SWEEP
@@ -305,11 +308,8 @@ def run_one(
         record({"plw": plw, "seed": seed, **shared, "initial_eval_shared_from": initial_eval["plw"]})
     bf16 = resolve_bf16(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(
-        config.model,
-        dtype=torch.bfloat16 if bf16 else torch.float32,
-        attn_implementation=select_attn_implementation(device, packed=config.packing),
-    )
+    attn = select_attn_implementation(device, packed=config.packing, requested=config.attn_implementation)
+    model = load_model(config.model, dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation=attn)
     trainer = PLWTrainer(
         model,
         args=build_config(config, plw, output_dir, seed, eval_on_start=initial_eval is None),
@@ -322,7 +322,16 @@ def run_one(
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
-    record({"plw": plw, "seed": seed, "step": trainer.state.global_step, "wall_seconds": wall, "bf16": bf16})
+    record(
+        {
+            "plw": plw,
+            "seed": seed,
+            "step": trainer.state.global_step,
+            "wall_seconds": wall,
+            "bf16": bf16,
+            "attn_implementation": model.config._attn_implementation,
+        }
+    )
     (output_dir / "done.json").write_text(json.dumps({"plw": plw, "seed": seed, "wall_seconds": wall}) + "\n")
     return events
 
@@ -353,6 +362,8 @@ def run_sweep(
     from tqdm.auto import tqdm
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        check_resumable(config, output_dir)
     (output_dir / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
     jobs = [(seed, plw) for seed in config.seeds for plw in config.plws]
     all_events: list[dict[str, Any]] = []
@@ -374,6 +385,30 @@ def run_sweep(
     n_eval = len(datasets[first][1])
     gen_ratio = generation_ratio(datasets[first][0], config.model)
     return write_reports(config, all_events, output_dir, n_eval, gen_ratio, plots=plots, plot_name=plot_name)
+
+
+RESUMABLE_CHANGES = ("plws", "seeds")
+"""Fields a resumed sweep may change: more weights or seeds add runs; any other change would mix two sweeps."""
+
+
+def check_resumable(config: SweepConfig, output_dir: Path) -> None:
+    """Refuse to resume ``output_dir`` with settings other than the ones its finished runs were trained with.
+
+    A resumed sweep reads finished runs back instead of retraining them, so a changed learning rate, step count or
+    dataset would silently put runs of two different sweeps into one table.
+    """
+    path = output_dir / "config.json"
+    if not path.is_file():
+        return
+    before = json.loads(path.read_text())
+    now = json.loads(json.dumps(asdict(config)))  # tuples as lists, as the file holds them
+    changed = sorted(k for k in set(before) | set(now) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"{output_dir} holds a sweep run with other settings ({details}); resuming would mix two sweeps in one "
+            "table. Use another --output-dir, or --no-resume to retrain every run."
+        )
 
 
 def _initial_eval(events: list[dict[str, Any]], seed: int) -> dict[str, Any] | None:
