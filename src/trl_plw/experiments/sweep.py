@@ -282,7 +282,7 @@ def run_one(
         Every DataLoader iterator draws a seed from the global RNG, so an evaluation before the first step shifts
         the stream that LoRA dropout then uses. Without this, a run whose step 0 is shared trains differently from
         the same run evaluated at step 0; on the CPU RACE regime that alone decided whether PLW 0.1 learned the
-        task by step 60 (docs/results/race-cpu-long).
+        task by step 60 (docs/results/race-cpu-long/2026-12-01-60-steps-dropout).
         """
 
         def __init__(self) -> None:
