@@ -57,8 +57,8 @@ _CPU = dict(
     lora_r=32,
     lora_alpha=32,
     # Cost choices measured on 2 CPU cores (docs/results/race-exploration, #7-#8): LoRA dropout draws a Bernoulli
-    # mask per adapted layer and input (210 per step), 45% of a bf16 training step on CPU, and makes the onset of
-    # the lookup depend on the dropout stream; eager attention is ~22% faster per training step than sdpa at ~130
+    # mask per adapted layer and input (210 per step), ~1/6-1/4 of a bf16 training step on CPU, and makes the onset
+    # of the lookup depend on the dropout stream; eager attention is ~18% faster per training step than sdpa at ~130
     # tokens per row; an empty system message saves the 21-token default SmolLM2 inserts into every row.
     lora_dropout=0.0,
     attn_implementation="eager",
