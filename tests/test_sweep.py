@@ -187,3 +187,32 @@ def test_sort_by_length_orders_rows_and_keeps_them():
     assert [len(r["prompt"][0]["content"]) for r in ordered] == [5, 5, 17, 30]
     text = sort_by_length(datasets.Dataset.from_list([{"text": "bb"}, {"text": "a"}]))
     assert text["text"] == ["a", "bb"]
+
+
+def test_lora_last_layers_adapts_the_top_layers_and_backward_stops_below_them():
+    import peft
+    import torch
+
+    from trl_plw.experiments.sweep import SweepConfig, _lora_config
+
+    model = make_tiny_llama(hidden_size=32, num_layers=4)
+    config = SweepConfig(lora_r=2, lora_alpha=2, lora_dropout=0.0, lora_last_layers=2)
+    assert set(_lora_config(config, model).target_modules) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+    }  # fmt: skip
+    peft_model = peft.get_peft_model(model, _lora_config(config, model))
+    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert adapted == {2, 3}
+
+    # The cost claim: with no adapter below layer 2, backpropagation never enters layers 0 and 1.
+    reached: list[int] = []
+    for i, layer in enumerate(model.model.layers):
+        layer.register_full_backward_hook(lambda module, gin, gout, i=i: reached.append(i))
+    ids = torch.randint(0, 128, (2, 6))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    assert sorted(set(reached)) == [2, 3]
+
+    with pytest.raises(ValueError, match="lora_last_layers=5 must be between 1 and the model's 4"):
+        _lora_config(SweepConfig(lora_last_layers=5), make_tiny_llama(num_layers=4))
+    every = _lora_config(SweepConfig())
+    assert every.target_modules == "all-linear" and every.layers_to_transform is None

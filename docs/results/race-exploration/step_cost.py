@@ -50,7 +50,7 @@ def main(overrides: dict, attn: str, profile: bool) -> None:
             args=args,
             train_dataset=train,
             processing_class=load_tokenizer(preset.model),
-            peft_config=_lora_config(preset),
+            peft_config=_lora_config(preset, model),
             callbacks=[timer],
         )
         if profile:

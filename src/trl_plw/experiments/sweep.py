@@ -70,6 +70,9 @@ class SweepConfig:
     lora_r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.05
+    # LoRA on the last N decoder layers only (None: every layer). Backpropagation then stops at the lowest adapted
+    # layer, so a step costs less (measured on 2 CPU cores: -23% with the top 15 of SmolLM2's 30 layers).
+    lora_last_layers: int | None = None
     max_length: int = 1024
     # Padded on CPU: without a varlen kernel, sdpa computes a packed row's full T^2 attention under a block mask,
     # which costs more than the padding it saves (measured: an eval pass 6x slower packed). GPUs pack.
@@ -223,15 +226,48 @@ def sort_by_length(dataset: Any) -> Any:
     return dataset.select(sorted(range(len(lengths)), key=lengths.__getitem__))
 
 
-def _lora_config(config: SweepConfig):
+def _lora_config(config: SweepConfig, model: Any | None = None):
+    """LoRA on every linear layer, or, with ``config.lora_last_layers``, on those of the model's last N layers."""
     from peft import LoraConfig
 
+    if config.lora_last_layers is None:
+        targets, layers = "all-linear", None
+    else:
+        num_layers = num_decoder_layers(model) if model is not None else None
+        if num_layers is None or not 1 <= config.lora_last_layers <= num_layers:
+            raise ValueError(
+                f"lora_last_layers={config.lora_last_layers} must be between 1 and the model's {num_layers} decoder "
+                "layers; leave it unset (None) to adapt every layer"
+            )
+        layers = list(range(num_layers - config.lora_last_layers, num_layers))
+        # PEFT takes a layer subset only with named targets: the names "all-linear" stands for.
+        targets = linear_module_names(model)
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules="all-linear",
+        target_modules=targets,
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
+    )
+
+
+def num_decoder_layers(model: Any) -> int:
+    """Decoder layers of a loaded model (the text model's, for multimodal wrappers)."""
+    return int(model.config.get_text_config().num_hidden_layers)
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Names of the model's linear layers apart from the output head: what PEFT's ``"all-linear"`` adapts."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m is not head
+        }
     )
 
 
@@ -316,7 +352,7 @@ def run_one(
         train_dataset=train,
         eval_dataset=sort_by_length(evaluation),
         processing_class=load_tokenizer(config.model),
-        peft_config=_lora_config(config) if config.lora_r > 0 else None,
+        peft_config=_lora_config(config, model) if config.lora_r > 0 else None,
         callbacks=[Recorder(), TrainingRngIndependentOfInitialEval()],
     )
     start = time.perf_counter()
