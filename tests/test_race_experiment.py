@@ -92,6 +92,8 @@ def test_llama2_memory_estimate_counts_lora_parameters():
     assert m["trainable_million"] == pytest.approx(159.9, abs=0.1)
     assert m["parameters_billion"] == pytest.approx(6.74, abs=0.01)
     assert 15 < m["total_gib"] < 40
+    top_half = memory_estimate(LLAMA2_7B_CONFIG, replace(PRESETS["paper"], lora_last_layers=16))
+    assert top_half["trainable_million"] == pytest.approx(159.9 / 2, abs=0.1)
 
 
 @pytest.fixture(scope="module")
