@@ -35,7 +35,6 @@ def test_lora_on_135m_trains_and_eval_metrics_move(tmp_path):
         save_strategy="no",
         report_to="none",
         use_cpu=True,
-        bf16=True,
         disable_tqdm=True,
         seed=0,
     )

@@ -53,7 +53,7 @@ _CPU = dict(
     eval_examples=200,
     batch_size=8,
     # Metrics are token sums, so the evaluation batch changes nothing but speed: 8 rows of ~125 tokens keep a layer's
-    # activations in cache; 50 were ~1.5x slower per evaluation in fp32 on 2 AVX2 cores (race-exploration, costs).
+    # activations in cache; 50 were 1.3-1.5x slower per evaluation in fp32 on 2 AVX2 cores (race-exploration, costs).
     eval_batch_size=8,
     learning_rate=2e-3,
     lora_r=32,
