@@ -52,8 +52,9 @@ _CPU = dict(
     train_examples=400,
     eval_examples=200,
     batch_size=8,
-    # Metrics are token sums, so the evaluation batch changes nothing but speed: 8 rows of ~125 tokens keep a layer's
-    # activations in cache; 50 were 1.3-1.5x slower per evaluation in fp32 on 2 AVX2 cores (race-exploration, costs).
+    # Metrics are token sums, so the evaluation batch changes nothing but speed: 50 rows per batch were 1.3-1.5x
+    # slower per evaluation than 8 in fp32 on 2 AVX2 cores (race-exploration, costs; matrix products on ~1,000-row
+    # operands ran at 95-117 GFLOP/s there, on ~6,000-row ones at 73).
     eval_batch_size=8,
     learning_rate=2e-3,
     lora_r=32,
