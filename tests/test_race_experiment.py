@@ -94,6 +94,13 @@ def test_llama2_memory_estimate_counts_lora_parameters():
     assert 15 < m["total_gib"] < 40
     top_half = memory_estimate(LLAMA2_7B_CONFIG, replace(PRESETS["paper"], lora_last_layers=16))
     assert top_half["trainable_million"] == pytest.approx(159.9 / 2, abs=0.1)
+    # Checkpointed: every layer's input is kept whatever is adapted; without it, only the adapted layers' activations.
+    assert top_half["activations_gib"] == m["activations_gib"]
+    no_ckpt = replace(PRESETS["paper"], gradient_checkpointing=False)
+    full, half = (memory_estimate(LLAMA2_7B_CONFIG, replace(no_ckpt, lora_last_layers=n)) for n in (None, 16))
+    assert half["activations_gib"] == pytest.approx(full["activations_gib"] / 2)
+    with pytest.raises(ValueError, match="lora_last_layers=33 must be between 1 and the model's 32 decoder layers"):
+        memory_estimate(LLAMA2_7B_CONFIG, replace(PRESETS["paper"], lora_last_layers=33))
 
 
 @pytest.fixture(scope="module")

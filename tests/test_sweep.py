@@ -214,5 +214,7 @@ def test_lora_last_layers_adapts_the_top_layers_and_backward_stops_below_them():
 
     with pytest.raises(ValueError, match="lora_last_layers=5 must be between 1 and the model's 4"):
         _lora_config(SweepConfig(lora_last_layers=5), make_tiny_llama(num_layers=4))
+    with pytest.raises(ValueError, match="lora_r=0 means full fine-tuning"):
+        SweepConfig(lora_r=0, lora_last_layers=2)
     every = _lora_config(SweepConfig())
     assert every.target_modules == "all-linear" and every.layers_to_transform is None

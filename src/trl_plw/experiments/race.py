@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any
 
-from trl_plw.experiments.sweep import ARTICLE_SWEEP, SweepConfig
+from trl_plw.experiments.sweep import ARTICLE_SWEEP, SweepConfig, adapted_layer_count
 
 
 @dataclass
@@ -209,10 +209,11 @@ def memory_estimate(sizes: dict[str, int], preset: RacePreset) -> dict[str, floa
     """GiB per device for LoRA (or full) training with bf16 weights; an estimate, stated term by term.
 
     * weights: 2 bytes per parameter (bf16);
-    * trainable parameters (LoRA adapters on every linear layer, or all): fp32 value + grad + 2 Adam moments, 16 B;
+    * trainable parameters (LoRA adapters on every linear layer of the adapted layers, or all): fp32 value + grad +
+      2 Adam moments, 16 B;
     * activations with gradient checkpointing: each layer's input kept (2 B x tokens x hidden) plus one layer's
       recomputed activations at a time (~34 x tokens x hidden bytes, Korthikanti et al. 2022, flash attention so no
-      T^2 term); without checkpointing every layer's.
+      T^2 term); without checkpointing every adapted layer's (``lora_last_layers``: backward stops below them).
     * logits: the fused loss never builds [tokens, vocab]; shown is what a full-logits fp32 loss would add.
     """
     h, i, n_layers, v = (
@@ -224,14 +225,17 @@ def memory_estimate(sizes: dict[str, int], preset: RacePreset) -> dict[str, floa
     kv = h * sizes["num_key_value_heads"] // sizes["num_attention_heads"]
     linear_shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # q k v o gate up down
     params = n_layers * (sum(a * b for a, b in linear_shapes) + 2 * h) + 2 * v * h + h
-    adapted = min(n_layers, preset.lora_last_layers or n_layers)
-    trainable = adapted * sum(preset.lora_r * (a + b) for a, b in linear_shapes) if preset.lora_r > 0 else params
+    lora = preset.lora_r > 0
+    adapted = adapted_layer_count(preset.lora_last_layers, n_layers) if lora else n_layers
+    trainable = adapted * sum(preset.lora_r * (a + b) for a, b in linear_shapes) if lora else params
     tokens = preset.batch_size * preset.max_length
     per_layer = 34 * tokens * h
     if preset.gradient_checkpointing:
+        # TRL makes the input embeddings require grad under checkpointing, so every layer's input is kept.
         activations = n_layers * 2 * tokens * h + per_layer
     else:
-        activations = n_layers * per_layer
+        # Autograd keeps activations only where backward goes: from the lowest adapted layer up.
+        activations = adapted * per_layer
     gib = 1024**3
     out = {
         "parameters_billion": params / 1e9,

@@ -94,6 +94,13 @@ class SweepConfig:
     share_initial_eval: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.lora_last_layers is not None and self.lora_r <= 0:
+            raise ValueError(
+                f"lora_last_layers={self.lora_last_layers} places LoRA adapters, but lora_r={self.lora_r} means full "
+                "fine-tuning, which trains every layer; set lora_r > 0 or leave lora_last_layers unset"
+            )
+
 
 # ---------------------------------------------------------------------------------------------------------- data
 def load_sweep_splits(config: SweepConfig, seed: int = 0):
@@ -235,12 +242,8 @@ def _lora_config(config: SweepConfig, model: Any | None = None):
         targets, layers = "all-linear", None
     else:
         num_layers = num_decoder_layers(model) if model is not None else None
-        if num_layers is None or not 1 <= config.lora_last_layers <= num_layers:
-            raise ValueError(
-                f"lora_last_layers={config.lora_last_layers} must be between 1 and the model's {num_layers} decoder "
-                "layers; leave it unset (None) to adapt every layer"
-            )
-        layers = list(range(num_layers - config.lora_last_layers, num_layers))
+        adapted = adapted_layer_count(config.lora_last_layers, num_layers)
+        layers = list(range(num_layers - adapted, num_layers))
         # PEFT takes a layer subset only with named targets: the names "all-linear" stands for.
         targets = linear_module_names(model)
     return LoraConfig(
@@ -251,6 +254,21 @@ def _lora_config(config: SweepConfig, model: Any | None = None):
         layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
+
+
+def adapted_layer_count(lora_last_layers: int | None, num_layers: int | None) -> int:
+    """How many decoder layers carry adapters; refuses a count the model cannot have (training and the dry run's
+    memory estimate share this check, so neither silently adapts another number of layers than asked)."""
+    if lora_last_layers is None:
+        if num_layers is None:
+            raise ValueError("the model's number of decoder layers is unknown; cannot place LoRA adapters")
+        return num_layers
+    if num_layers is None or not 1 <= lora_last_layers <= num_layers:
+        raise ValueError(
+            f"lora_last_layers={lora_last_layers} must be between 1 and the model's {num_layers} decoder "
+            "layers; leave it unset (None) to adapt every layer"
+        )
+    return lora_last_layers
 
 
 def num_decoder_layers(model: Any) -> int:
