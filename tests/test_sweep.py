@@ -9,7 +9,7 @@ import pytest
 from conftest import make_tiny_llama
 
 from trl_plw.cli import main
-from trl_plw.experiments.sweep import recommend, summarize, summary_markdown, wilson_interval
+from trl_plw.experiments.sweep import recommend, seed_curves, summarize, summary_markdown, wilson_interval
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +172,11 @@ def test_summary_pools_seeds_and_reports_the_three_findings():
     assert rec["plw"] == 0.1 and "Rt = 0.01" in rec["text"] and rec["learned"] and "Weak evidence" not in rec["text"]
     flat = dict(row, initial_acc_ci=[0.55, 0.7])
     assert not recommend([flat], None)["learned"] and "Weak evidence" in recommend([flat], None)["text"]
+
+    # The plot's thin per-seed lines: each seed's own curve, apart from the other seed and other weights.
+    other_weight = dict(ev(0, 10, 9, 9, 0.0), plw=1.0)
+    curves = seed_curves([*events, other_weight], 0.1, "eval_answer_accuracy")
+    assert curves == {0: {0: 0.25, 10: 0.6, 20: 0.5}, 1: {0: 0.25, 10: 0.7, 20: 0.4}}
 
 
 def test_sort_by_length_orders_rows_and_keeps_them():

@@ -754,10 +754,20 @@ def write_csv(events: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(events)
 
 
+def seed_curves(events: list[dict[str, Any]], plw: float, key: str) -> dict[int, dict[int, float]]:
+    """``{seed: {step: value}}`` of one metric of one weight's evaluations (what `plot_sweep` draws)."""
+    curves: dict[int, dict[int, float]] = {}
+    for e in eval_events(events, plw):
+        if key in e:
+            curves.setdefault(e.get("seed", 0), {})[e["step"]] = e[key]
+    return curves
+
+
 def plot_sweep(events: list[dict[str, Any]], plws: Sequence[float], path: Path) -> None:
     """Four panels like the article's figures: prompt, completion, full-sequence loss and accuracy vs step.
 
-    With several seeds, each curve is the seed mean at each step.
+    With several seeds, each curve is the seed mean at each step, and each seed is drawn thin behind it: a mean of
+    one run that learned and one that did not looks like a slow learner, the thin lines show which it is.
     """
     from trl_plw.experiments import require_matplotlib
 
@@ -778,10 +788,13 @@ def plot_sweep(events: list[dict[str, Any]], plws: Sequence[float], path: Path) 
     colors = plt.cm.viridis([i / max(1, len(plws) - 1) for i in range(len(plws))])
     for ax, (key, title) in zip(axes.flat, panels, strict=True):
         for plw, color in zip(plws, colors, strict=True):
+            curves = seed_curves(events, plw, key)
             by_step: dict[int, list[float]] = {}
-            for e in eval_events(events, plw):
-                if key in e:
-                    by_step.setdefault(e["step"], []).append(e[key])
+            for curve in curves.values():
+                for step, value in curve.items():
+                    by_step.setdefault(step, []).append(value)
+                if len(curves) > 1:
+                    ax.plot(sorted(curve), [curve[x] for x in sorted(curve)], color=color, lw=0.8, alpha=0.35)
             if by_step:
                 xs = sorted(by_step)
                 ax.plot(xs, [sum(by_step[x]) / len(by_step[x]) for x in xs], marker="o", ms=3, color=color,
