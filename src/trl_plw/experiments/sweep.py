@@ -241,7 +241,9 @@ def _lora_config(config: SweepConfig, model: Any | None = None):
     if config.lora_last_layers is None:
         targets, layers = "all-linear", None
     else:
-        num_layers = num_decoder_layers(model) if model is not None else None
+        if model is None:
+            raise ValueError(f"lora_last_layers={config.lora_last_layers} needs the loaded model to place adapters")
+        num_layers = num_decoder_layers(model)
         adapted = adapted_layer_count(config.lora_last_layers, num_layers)
         layers = list(range(num_layers - adapted, num_layers))
         # PEFT takes a layer subset only with named targets: the names "all-linear" stands for.
@@ -256,14 +258,12 @@ def _lora_config(config: SweepConfig, model: Any | None = None):
     )
 
 
-def adapted_layer_count(lora_last_layers: int | None, num_layers: int | None) -> int:
+def adapted_layer_count(lora_last_layers: int | None, num_layers: int) -> int:
     """How many decoder layers carry adapters; refuses a count the model cannot have (training and the dry run's
     memory estimate share this check, so neither silently adapts another number of layers than asked)."""
     if lora_last_layers is None:
-        if num_layers is None:
-            raise ValueError("the model's number of decoder layers is unknown; cannot place LoRA adapters")
         return num_layers
-    if num_layers is None or not 1 <= lora_last_layers <= num_layers:
+    if not 1 <= lora_last_layers <= num_layers:
         raise ValueError(
             f"lora_last_layers={lora_last_layers} must be between 1 and the model's {num_layers} decoder "
             "layers; leave it unset (None) to adapt every layer"
