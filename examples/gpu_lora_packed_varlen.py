@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> PLWTrainer:
         packing=True,
         packing_strategy="bfd",  # padding-free rows with document boundaries (position_ids + cu_seq_lens)
         max_length=args.max_length,
-        gradient_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing=args.gradient_checkpointing,  # transformers >= 5.23's name for it
         warmup_steps=0.05,
         weight_decay=0.001,
         max_grad_norm=0.3,

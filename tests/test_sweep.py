@@ -223,3 +223,18 @@ def test_lora_last_layers_adapts_the_top_layers_and_backward_stops_below_them():
         SweepConfig(lora_r=0, lora_last_layers=2)
     every = _lora_config(SweepConfig())
     assert every.target_modules == "all-linear" and every.layers_to_transform is None
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_sweep_config_sets_checkpointing_under_its_current_name(tmp_path, checkpointing):
+    """transformers >= 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` and warns on the old
+    name (removed in v6): the sweep must pass the new one, and the choice must still reach the trainer."""
+    import warnings
+
+    from trl_plw.experiments.sweep import SweepConfig, build_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = build_config(SweepConfig(gradient_checkpointing=checkpointing), 0.1, tmp_path)
+    assert args.activation_checkpointing is checkpointing
+    assert args.gradient_checkpointing is checkpointing  # the old name mirrors the new one for readers

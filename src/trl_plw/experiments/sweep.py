@@ -203,7 +203,7 @@ def build_config(config: SweepConfig, plw: float, output_dir: Path, seed: int = 
         save_strategy="no",
         report_to="none",
         bf16=resolve_bf16(config),
-        gradient_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=config.gradient_checkpointing,  # transformers >= 5.23's name
         use_cpu=not torch.cuda.is_available(),
         seed=seed,
         data_seed=seed,

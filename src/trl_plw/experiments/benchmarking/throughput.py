@@ -543,17 +543,11 @@ def choose_attention(spec: dict[str, Any]) -> str:
 
 def training_args(spec: dict[str, Any], output_dir: str):
     """The PLWConfig / SFTConfig of a run: everything that is not the trainer's own is identical across trainers."""
-    import dataclasses
-
     from trl import SFTConfig
 
     from trl_plw import PLWConfig
 
     kind, packed = TRAINERS[spec["trainer"]][1:]
-    names = {f.name for f in dataclasses.fields(SFTConfig)}
-    checkpointing_field = (
-        "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    )
     common = dict(
         output_dir=output_dir,
         report_to="none",
@@ -564,7 +558,7 @@ def training_args(spec: dict[str, Any], output_dir: str):
         use_cpu=spec["device"] == "cpu",
         bf16=spec["bf16"],  # SFTConfig turns bf16 on wherever supported (AVX512-BF16 CPUs too): set it for all
         # transformers >= 5.23 renamed gradient_checkpointing (TRL's default: on) to activation_checkpointing
-        **{checkpointing_field: spec["gradient_checkpointing"]},
+        activation_checkpointing=spec["gradient_checkpointing"],
         per_device_train_batch_size=spec["packed_rows_per_step"] if packed else spec["examples_per_step"],
         gradient_accumulation_steps=1,
         max_steps=-1 if spec["max_steps"] is None else spec["max_steps"],
