@@ -364,6 +364,41 @@ def test_eval_metrics_split_prompt_and_completion(smollm2_tokenizer, tmp_path):
     assert metrics["eval_completion_accuracy"] == pytest.approx(correct[completion].float().mean().item(), abs=1e-6)
 
 
+def _split_metrics_of(metrics: dict, prefix: str) -> dict:
+    names = ("loss", "prompt_loss", "completion_loss", "sequence_loss", "completion_accuracy")
+    return {name: metrics[f"{prefix}_{name}"] for name in names}
+
+
+def test_eval_metrics_of_each_eval_set_and_of_predict_keep_their_own_prefix(smollm2_tokenizer, tmp_path):
+    """A dict of eval sets reports each set's split metrics under ``eval_<name>_``, equal to evaluating that set
+    alone; ``predict`` reports them under ``test_`` and leaves nothing behind for the next ``evaluate``."""
+    first = prompt_completion_dataset(conversational=True, n=4)
+    second = Dataset.from_list(prompt_completion_dataset(conversational=True).to_list()[4:])
+    trainer = PLWTrainer(
+        tiny(len(smollm2_tokenizer)),
+        args=PLWConfig(**common_args(output_dir=str(tmp_path), prompt_loss_weight=0.1, per_device_eval_batch_size=3)),
+        train_dataset=first,
+        eval_dataset={"first": first, "second": second},
+        processing_class=smollm2_tokenizer,
+    )
+    both = trainer.evaluate()
+    alone = {
+        name: trainer.evaluate(eval_dataset=name, metric_key_prefix=f"eval_{name}") for name in ("first", "second")
+    }
+    for name in ("first", "second"):
+        expected = _split_metrics_of(alone[name], f"eval_{name}")
+        assert _split_metrics_of(both, f"eval_{name}") == pytest.approx(expected, rel=1e-12)
+    assert both["eval_first_prompt_loss"] != pytest.approx(both["eval_second_prompt_loss"])  # really two sets
+    assert not any(key.startswith("eval_prompt") for key in both)  # nothing under the bare prefix
+
+    predicted = trainer.predict(trainer.eval_dataset["first"]).metrics
+    assert _split_metrics_of(predicted, "test") == pytest.approx(_split_metrics_of(alone["first"], "eval_first"))
+    after = trainer.evaluate(eval_dataset="second", metric_key_prefix="eval_second")
+    assert _split_metrics_of(after, "eval_second") == pytest.approx(
+        _split_metrics_of(alone["second"], "eval_second"), rel=1e-12
+    )
+
+
 def test_schedule_moves_prompt_weight_and_resumes_exactly(smollm2_tokenizer, tmp_path):
     data = prompt_completion_dataset(conversational=True)
     args = dict(

@@ -51,8 +51,11 @@ class SplitMetrics:
         answer_mask: torch.Tensor | None = None,
     ) -> None:
         """All arguments are aligned per predicted token (already shifted) and of the same shape."""
-        ce = token_ce.float()
-        w = weights.float() * scored
+        # float64 where the device has it: the sums are then exact to float64 rounding whatever the batch layout
+        # (MPS has no float64; float32 sums differ across layouts by ~1e-7 relative).
+        dtype = torch.float32 if token_ce.device.type == "mps" else torch.float64
+        ce = token_ce.to(dtype)
+        w = weights.to(dtype) * scored
         prompt = prompt_mask & scored
         completion = completion_mask & scored
         correct = is_argmax & completion

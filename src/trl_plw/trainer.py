@@ -251,6 +251,7 @@ class PLWTrainer(SFTTrainer):
                 **kwargs,
             )
         self._check_parallelism()
+        self._check_peft_method()
         if data_collator is None:
             data_collator = DataCollatorForWeightedCompletionLM(
                 pad_token_id=self._tokenizer.pad_token_id,
@@ -364,6 +365,20 @@ class PLWTrainer(SFTTrainer):
                 "PLWTrainer's weighted head shifts weights and targets itself, so it would misalign them. Use data "
                 "parallelism (DDP, FSDP2, DeepSpeed ZeRO) instead."
             )
+
+    def _check_peft_method(self) -> None:
+        if not is_peft_model(self.model):
+            return
+        for adapter, config in self.model.peft_config.items():
+            if getattr(config, "is_prompt_learning", False):
+                raise ValueError(
+                    f"peft_config (adapter {adapter!r}) is a {type(config).__name__}, a prompt-learning method: it "
+                    "prepends virtual tokens to every row (prompt tuning, P-tuning) or prefix keys and values to "
+                    "every layer (prefix tuning). Those positions have no token, role or loss weight, and PEFT lets "
+                    "the last virtual token predict the row's first token, which no weighting here describes, so "
+                    "PLWTrainer cannot reproduce that loss. Use an adapter that keeps the sequence as it is "
+                    "(LoraConfig, including on lm_head)."
+                )
 
     def _resolve_answer_tokens(self, answers: list[str] | None) -> torch.Tensor | None:
         if not answers:
@@ -626,10 +641,13 @@ class PLWTrainer(SFTTrainer):
         answer_mask = None
         if self._answer_token_ids is not None:
             answer_mask = torch.isin(input_ids[:, 1:], self._answer_token_ids.to(input_ids.device))
+        scored = outputs.scored
+        if mode == "eval" and (kept := self._kept_eval_tokens(inputs, input_ids)) is not None:
+            scored = scored & kept[:, 1:].to(scored.device)
         self._split_metrics[mode].update(
             outputs.token_ce,
             outputs.is_argmax,
-            outputs.scored,
+            scored,
             weights[:, 1:],
             prompt_mask[:, 1:],
             completion_mask[:, 1:],
@@ -644,6 +662,41 @@ class PLWTrainer(SFTTrainer):
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
 
+    def _kept_eval_tokens(self, inputs: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Mask of the tokens of this evaluation batch that count, or None when all do.
+
+        With several processes accelerate evens out the last evaluation batch by repeating samples from the start of
+        the set (``even_batches``), and ``gather_for_metrics`` drops the repeats from what Trainer gathers: it keeps the
+        first ``remainder`` samples of the last global batch, in rank order. The split metrics are sums reduced once
+        per loop, so they drop the same samples here: rank r keeps the first ``remainder - r * batch`` of its last
+        batch. A sample is a row, or in a padding-free batch a document (``seq_idx``).
+        """
+        state = self.accelerator.gradient_state
+        if self.accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+            return None
+        if self.padding_free:
+            packed = self.args.packing if self.args.eval_packing is None else self.args.eval_packing
+            if packed or "seq_idx" not in inputs:
+                # One flattened row of packed samples keeps no trace of where each sample ends.
+                if not getattr(self, "_warned_repeated_eval_samples", False):
+                    logger.warning(
+                        "Evaluation metrics include %d samples that accelerate repeated to even out the last batch "
+                        "across %d processes: a padding-free batch of packed samples does not say where each sample "
+                        "ends, so they cannot be dropped. Make the evaluation set a multiple of "
+                        "per_device_eval_batch_size x processes, or set eval_packing=False, for exact metrics.",
+                        state.active_dataloader.total_batch_size - state.remainder,
+                        self.accelerator.num_processes,
+                    )
+                    self._warned_repeated_eval_samples = True
+                return None
+            sample = inputs["seq_idx"].long()
+        else:
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+            sample = rows[:, None].expand_as(input_ids)
+        local_samples = int(sample.max()) + 1
+        real = min(max(state.remainder - self.accelerator.process_index * local_samples, 0), local_samples)
+        return sample < real
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -651,24 +704,44 @@ class PLWTrainer(SFTTrainer):
         return loss.detach(), None, None
 
     # ------------------------------------------------------------------ logging
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
+    def _compute_split_metrics(self, mode: str) -> dict[str, float]:
         split = self._split_metrics[mode]
-        if not split.empty:
-            metrics = split.compute(
-                reduce_fn=lambda t: self.accelerator.reduce(t, reduction="sum"),
-                normalization=self.args.loss_normalization,
-                include_answer=self._answer_token_ids is not None,
-            )
-            split.reset()
-            if mode == "eval":
-                # The exact weighted loss over the whole eval set, not a mean of per-batch losses
-                logs.update({f"eval_{k}": v for k, v in metrics.items()})
-            else:
-                metrics.pop("loss")  # Trainer already logs the optimized loss
-                metrics.pop("sequence_loss", None)
-                logs.update(metrics)
-                logs["prompt_loss_weight"] = self.current_prompt_loss_weight
+        metrics = split.compute(
+            reduce_fn=lambda t: self.accelerator.reduce(t, reduction="sum"),
+            normalization=self.args.loss_normalization,
+            include_answer=self._answer_token_ids is not None,
+        )
+        split.reset()
+        return metrics
+
+    def evaluation_loop(
+        self,
+        dataloader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ):
+        """Trainer's loop, plus the split metrics of exactly this loop under the loop's own prefix.
+
+        ``evaluate`` and ``predict`` name their metrics here (``eval``, ``eval_<name>`` for each set of a dict of
+        evaluation sets, ``test``); ``log`` never learns the prefix, and ``predict`` never logs, so the sums are
+        reset, computed and named here rather than when logging.
+        """
+        self._split_metrics["eval"].reset()  # nothing carried over from an interrupted loop
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        # The exact weighted loss over the whole set replaces Trainer's mean of per-batch losses.
+        metrics = self._compute_split_metrics("eval")
+        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in metrics.items()})
+        return output
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and not self._split_metrics["train"].empty:
+            metrics = self._compute_split_metrics("train")
+            metrics.pop("loss")  # Trainer already logs the optimized loss
+            metrics.pop("sequence_loss", None)
+            logs.update(metrics)
+            logs["prompt_loss_weight"] = self.current_prompt_loss_weight
         super().log(logs, start_time)
 
 
