@@ -270,3 +270,14 @@ def test_unsupported_heads_are_refused_naming_the_reason():
     odd.lm_head = ScaledHead(16, VOCAB, bias=False, dtype=torch.float64)
     with pytest.raises(ValueError, match="not an nn.Linear"):
         check_head_supported(odd)
+
+
+def test_trainable_token_indices_on_a_tied_head_are_refused_naming_the_field():
+    """PEFT's TrainableTokensWrapper swaps trained rows into the tied head inside its own forward; the weighted head
+    reads the weight directly and would score the frozen rows, so it is refused with the field to change."""
+    model = make_model("llama", tie=True)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 4])
+    wrapped = peft.get_peft_model(model, config).get_base_model()
+    assert type(wrapped.get_output_embeddings()).__name__ == "TrainableTokensWrapper"
+    with pytest.raises(ValueError, match="trainable_token_indices.*modules_to_save"):
+        check_head_supported(wrapped)

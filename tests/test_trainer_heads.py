@@ -162,6 +162,23 @@ def test_peft_lora_on_lm_head_trains_the_adapter_exactly(smollm2_tokenizer, tmp_
         assert_exact(grad, ref_params[name].grad)
 
 
+@pytest.mark.parametrize("method", ["PromptTuningConfig", "PrefixTuningConfig"])
+def test_prompt_learning_peft_methods_are_refused_naming_peft_config(smollm2_tokenizer, tmp_path, method):
+    """Prompt/prefix tuning add positions (or prefix keys) that carry no token, role or weight: refused, by name."""
+    peft = pytest.importorskip("peft")
+    from conftest import make_tiny_llama
+
+    config = getattr(peft, method)(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    with pytest.raises(ValueError, match=f"peft_config .*{method}.*prompt-learning.*LoraConfig"):
+        PLWTrainer(
+            make_tiny_llama(vocab_size=len(smollm2_tokenizer)).double(),
+            args=args(tmp_path, prompt_loss_weight=0.1),
+            train_dataset=chat_data(),
+            processing_class=smollm2_tokenizer,
+            peft_config=config,
+        )
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_default_precision_follows_native_cpu_bf16(tmp_path, monkeypatch, native):
     """``PLWConfig(out)`` constructs on any CPU: bf16 autocast where the CPU has native bf16, else fp32."""

@@ -96,6 +96,14 @@ def _tuner_layer_type():
     return BaseTunerLayer
 
 
+def _trainable_tokens_wrapper_type():
+    try:
+        from peft.utils.other import TrainableTokensWrapper
+    except ImportError:
+        return None
+    return TrainableTokensWrapper
+
+
 def _is_lora(head: nn.Module) -> bool:
     lora = _lora_layer_type()
     return lora is not None and isinstance(head, lora)
@@ -119,6 +127,14 @@ def check_head_supported(model) -> None:
             f"The LM head of {name} is wrapped by the PEFT tuner {type(head).__name__}; the weighted head reproduces "
             "plain, LoRA and DoRA heads only. Leave the head out of target_modules, or use LoRA/DoRA or "
             "modules_to_save on it."
+        )
+    trainable_tokens = _trainable_tokens_wrapper_type()
+    if trainable_tokens is not None and isinstance(head, trainable_tokens):
+        raise ValueError(
+            f"The LM head of {name} is wrapped by PEFT's TrainableTokensWrapper, which `trainable_token_indices` "
+            "(LoraConfig/TrainableTokensConfig) puts on a tied head: it swaps the trained rows into the weight inside "
+            "its own forward, and the weighted head, which reads the weight directly, would score the frozen rows "
+            "instead. Drop `trainable_token_indices`, or train the whole head with modules_to_save=['lm_head']."
         )
     linear = _active_linear(head)
     if linear is None or type(linear).forward is not nn.Linear.forward:
