@@ -179,6 +179,21 @@ def test_prompt_learning_peft_methods_are_refused_naming_peft_config(smollm2_tok
         )
 
 
+def test_several_gpus_in_one_process_are_refused(smollm2_tokenizer, tmp_path, monkeypatch):
+    """n_gpu > 1 in one process means torch.nn.DataParallel, whose replicas would not carry the patched weighted head
+    and whose loss is a mean of per-GPU means. SFTTrainer refuses it (TRL 1.16); this pins that PLWTrainer does too."""
+    from conftest import make_tiny_llama
+
+    monkeypatch.setattr(PLWConfig, "n_gpu", property(lambda self: 2))
+    with pytest.raises(ValueError, match="PLWTrainer does not support `nn.DataParallel`.*accelerate launch"):
+        PLWTrainer(
+            make_tiny_llama(vocab_size=len(smollm2_tokenizer)).double(),
+            args=args(tmp_path, prompt_loss_weight=0.1),
+            train_dataset=chat_data(),
+            processing_class=smollm2_tokenizer,
+        )
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_default_precision_follows_native_cpu_bf16(tmp_path, monkeypatch, native):
     """``PLWConfig(out)`` constructs on any CPU: bf16 autocast where the CPU has native bf16, else fp32."""
