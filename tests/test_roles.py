@@ -276,6 +276,45 @@ def test_template_variants_cover_contexts(smollm2_tokenizer):
         template_variants(None, "### Response:")
 
 
+@pytest.mark.parametrize(
+    ("template", "text", "trained"),
+    [
+        (
+            "### Response:",
+            "### Instruction:\nWrite a plan.\n\n### Response:\nThen write the Response: a short paragraph.",
+            "\nThen write the Response: a short paragraph.",
+        ),
+        ("### Answer:", "Q: 6 x 7?\n### Answer:\nThe Answer: 42", "\nThe Answer: 42"),
+    ],
+)
+def test_template_inner_tokens_in_prose_do_not_move_the_completion(smollm2_tokenizer, template, text, trained):
+    """A core variant (the template's inner tokens, e.g. [" Response", ":"]) also occurs in ordinary prose; such a
+    match must not count as the last template occurrence, or the start of the answer would get the prompt weight.
+    The old TRL collator (exact standalone ids) trained the whole answer here, and so must this one."""
+    tok = smollm2_tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    matcher = TemplateMatcher(tok, template)
+    inner = [v for v in matcher.response_variants if _contains(ids, v)]
+    assert len(inner) >= 2  # the prose really contains a variant besides the template itself
+    roles, found = matcher.roles(ids)
+    assert found
+    assert _decode_by_role(tok, ids, roles.tolist(), Role.COMPLETION) == [trained]
+
+
+def test_instruction_template_inner_tokens_in_an_answer_do_not_end_it(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    text = (
+        "### Instruction:\nMake cards.\n\n### Response:\nEach card has a title. The Instruction: list the steps."
+        "\n\n### Instruction:\nThanks!\n\n### Response:\nYou are welcome."
+    )
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    roles, _ = TemplateMatcher(tok, "### Response:", "### Instruction:").roles(ids)
+    assert _decode_by_role(tok, ids, roles.tolist(), Role.COMPLETION) == [
+        "\nEach card has a title. The Instruction: list the steps.\n\n",
+        "\nYou are welcome.",
+    ]
+
+
 def test_chatml_response_template_without_instruction_uses_last_match(smollm2_tokenizer):
     tok = smollm2_tokenizer
     ids = tok.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]

@@ -31,7 +31,7 @@ import enum
 import json
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -326,12 +326,26 @@ def template_variants(
       template has two) and ``min_coverage`` of the template's characters, so a short leftover (a lone ``":"``)
       never matches everywhere.
 
-    The standalone tokenization is always included. Overlapping matches of several variants count as one occurrence
+    A match of a core alone (no other variant there) counts only where the decoded text around it, one token either
+    side, contains the whole template: a core such as ``[" Response", ":"]`` also occurs in prose ("the Response:
+    ..."), which must not move the completion boundary (`TemplateMatcher` checks this). The standalone tokenization
+    is always included. Overlapping matches of several variants count as one occurrence
     (see `TemplateMatcher`). Tokenizers without offsets (slow ones) fall back to the difference between tokenizing
     ``context + template`` and ``context`` when the latter is a prefix of the former.
 
     Token-id templates (``list[int]``) are used as given; a list of lists gives several variants explicitly.
     """
+    exact, core = _split_template_variants(tokenizer, template, left_contexts, right_contexts, min_coverage)
+    return exact + core
+
+
+def _split_template_variants(
+    tokenizer: Any,
+    template: str | Sequence[int] | Sequence[Sequence[int]],
+    left_contexts: Iterable[str] = _LEFT_CONTEXTS,
+    right_contexts: Iterable[str] = _RIGHT_CONTEXTS,
+    min_coverage: float = 0.5,
+) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
     if isinstance(template, str):
         if tokenizer is None:
             raise ValueError(
@@ -342,6 +356,7 @@ def template_variants(
             raise ValueError("The template is an empty string.")
         standalone = tuple(tokenizer(template, add_special_tokens=False)["input_ids"])
         variants: dict[tuple[int, ...], None] = {standalone: None} if standalone else {}
+        cores: dict[tuple[int, ...], None] = {}
         need_chars = max(1, math.ceil(min_coverage * len(template)))
         need_tokens = min(2, len(standalone)) if standalone else 1
         for left in left_contexts:
@@ -370,31 +385,37 @@ def template_variants(
                 # The core: tokens lying entirely inside the template, for merges with non-whitespace neighbours.
                 core = [(t, s, e) for t, s, e in overlapping if lo <= s and e <= hi]
                 if len(core) >= need_tokens and core[-1][2] - core[0][1] >= need_chars:
-                    variants[tuple(t for t, _, _ in core)] = None
-        if not variants:
+                    cores[tuple(t for t, _, _ in core)] = None
+        if not variants and not cores:
             raise ValueError(f"The template {template!r} tokenizes to no tokens.")
-        return tuple(variants)
+        return tuple(variants), tuple(c for c in cores if c not in variants)
     if isinstance(template, torch.Tensor):
         template = template.tolist()
     if _is_int_sequence(template):
         if len(template) == 0:
             raise ValueError("The template token ids are empty.")
-        return (tuple(int(t) for t in template),)
+        return (tuple(int(t) for t in template),), ()
     if isinstance(template, (list, tuple)) and all(_is_int_sequence(v) and len(v) > 0 for v in template) and template:
-        return tuple(dict.fromkeys(tuple(int(t) for t in v) for v in template))
+        return tuple(dict.fromkeys(tuple(int(t) for t in v) for v in template)), ()
     raise TypeError(f"A template must be a string, a list of token ids or a list of such lists; got {template!r}.")
 
 
-def _find_occurrences(ids: np.ndarray, variants: Sequence[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray]:
+def _find_occurrences(
+    ids: np.ndarray,
+    variants: Sequence[tuple[int, ...]],
+    checked: Sequence[tuple[int, ...]] = (),
+    accept: Callable[[np.ndarray, int, int], bool] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Start/end (exclusive) token positions of the occurrences of any variant, overlapping matches merged.
 
     Vectorized: for each variant, candidate starts are narrowed one template position at a time (a loop over the
     template's few tokens, never over the sequence). Matches of several variants that overlap are one occurrence,
-    spanning from the earliest start to the latest end.
+    spanning from the earliest start to the latest end. Matches of the ``checked`` variants count only where
+    ``accept(ids, start, end)`` says so (string templates' cores, see `template_variants`).
     """
     n = ids.shape[0]
     starts, ends = [], []
-    for variant in variants:
+    for variant in (*variants, *checked):
         length = len(variant)
         if length > n:
             continue
@@ -403,6 +424,8 @@ def _find_occurrences(ids: np.ndarray, variants: Sequence[tuple[int, ...]]) -> t
             if candidates.size == 0:
                 break
             candidates = candidates[ids[candidates + k] == variant[k]]
+        if candidates.size and accept is not None and variant in checked and variant not in variants:
+            candidates = candidates[[accept(ids, int(c), int(c) + length) for c in candidates]]
         if candidates.size:
             starts.append(candidates)
             ends.append(candidates + length)
@@ -430,23 +453,24 @@ def _as_variants(value: Any) -> tuple[tuple[int, ...], ...]:
     return template_variants(None, value)
 
 
+_Finder = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
 def _template_roles(
-    ids: np.ndarray,
-    response: Sequence[tuple[int, ...]],
-    instruction: Sequence[tuple[int, ...]] | None,
+    ids: np.ndarray, find_response: _Finder, find_instruction: _Finder | None
 ) -> tuple[np.ndarray, bool]:
     n = ids.shape[0]
     roles = np.full(n, Role.PROMPT, dtype=np.int8)
-    r_starts, r_ends = _find_occurrences(ids, response)
+    r_starts, r_ends = find_response(ids)
     if r_starts.size == 0:
         return roles, False
     template_edges = np.zeros(n + 1, dtype=np.int32)
     np.add.at(template_edges, r_starts, 1)
     np.add.at(template_edges, r_ends, -1)
-    if instruction is None:
+    if find_instruction is None:
         roles[r_ends[-1] :] = Role.COMPLETION
     else:
-        i_starts, i_ends = _find_occurrences(ids, instruction)
+        i_starts, i_ends = find_instruction(ids)
         np.add.at(template_edges, i_starts, 1)
         np.add.at(template_edges, i_ends, -1)
         # Sweep: the end of a response template opens a completion span; the start of an instruction template (or
@@ -490,8 +514,13 @@ def roles_from_templates(
     ```
     """
     ids = _as_numpy_1d(input_ids, "input_ids").astype(np.int64, copy=False)
+    response = _as_variants(response_template_ids)
     instruction = None if instruction_template_ids is None else _as_variants(instruction_template_ids)
-    return _template_roles(ids, _as_variants(response_template_ids), instruction)
+    return _template_roles(
+        ids,
+        lambda x: _find_occurrences(x, response),
+        None if instruction is None else lambda x: _find_occurrences(x, instruction),
+    )
 
 
 class TemplateMatcher:
@@ -529,10 +558,12 @@ class TemplateMatcher:
         self.tokenizer = tokenizer
         self.response_template = response_template
         self.instruction_template = instruction_template
-        self.response_variants = template_variants(tokenizer, response_template)
-        self.instruction_variants = (
-            None if instruction_template is None else template_variants(tokenizer, instruction_template)
+        self._response = _split_template_variants(tokenizer, response_template)
+        self._instruction = (
+            None if instruction_template is None else _split_template_variants(tokenizer, instruction_template)
         )
+        self.response_variants = self._response[0] + self._response[1]
+        self.instruction_variants = None if self._instruction is None else self._instruction[0] + self._instruction[1]
 
     def __repr__(self) -> str:
         return (
@@ -541,24 +572,38 @@ class TemplateMatcher:
             f"instruction_variants={self.instruction_variants})"
         )
 
+    def _finder(self, split: tuple, template: Any) -> _Finder:
+        exact, cores = split
+
+        def accept(ids: np.ndarray, start: int, end: int) -> bool:
+            # A core left out the template's edge tokens, merged with their neighbours: those neighbours, decoded
+            # with it, must spell the whole template, or the match is prose that shares its inner tokens.
+            around = self.tokenizer.decode(ids[max(start - 1, 0) : end + 1].tolist())
+            return template.strip() in around
+
+        return lambda ids: _find_occurrences(ids, exact, cores, accept if cores else None)
+
     def find_response(self, input_ids: Any) -> tuple[np.ndarray, np.ndarray]:
         """(starts, ends) of the response-template occurrences."""
-        return _find_occurrences(
-            _as_numpy_1d(input_ids, "input_ids").astype(np.int64, copy=False), self.response_variants
-        )
+        ids = _as_numpy_1d(input_ids, "input_ids").astype(np.int64, copy=False)
+        return self._finder(self._response, self.response_template)(ids)
 
     def find_instruction(self, input_ids: Any) -> tuple[np.ndarray, np.ndarray]:
         """(starts, ends) of the instruction-template occurrences (empty without an instruction template)."""
-        if self.instruction_variants is None:
+        if self._instruction is None:
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty
         ids = _as_numpy_1d(input_ids, "input_ids").astype(np.int64, copy=False)
-        return _find_occurrences(ids, self.instruction_variants)
+        return self._finder(self._instruction, self.instruction_template)(ids)
 
     def roles(self, input_ids: Any) -> tuple[np.ndarray, bool]:
         """Role codes (int8) and whether the response template was found; semantics of `roles_from_templates`."""
         ids = _as_numpy_1d(input_ids, "input_ids").astype(np.int64, copy=False)
-        return _template_roles(ids, self.response_variants, self.instruction_variants)
+        return _template_roles(
+            ids,
+            self.find_response,
+            None if self._instruction is None else self.find_instruction,
+        )
 
     __call__ = roles
 
