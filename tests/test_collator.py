@@ -391,6 +391,21 @@ def test_source_preference_and_explicit_weights():
     ]
 
 
+@pytest.mark.parametrize("on_missing", ["raise", "ignore"])
+def test_explicit_loss_weights_are_not_run_through_the_templates(on_missing):
+    """Templates are for examples without a per-token source: an example that brings `loss_weights` is weighted as
+    given even where the template is missing (before: "not found" raised, or "ignore" zeroed its weights)."""
+    collator = Collator(
+        pad_token_id=PAD, response_template=[99, 98], on_missing_template=on_missing, loss_weights_consumer="t"
+    )
+    batch = collator([{"input_ids": [11, 12, 13, 14, 15], "loss_weights": [0.0, 0.5, 0.5, 1.0, 1.0]}])
+    assert batch["loss_weights"].tolist() == [[0.0, 0.5, 0.5, 1.0, 1.0]]
+    assert batch["labels"].tolist() == [[-100, 12, 13, 14, 15]]
+    # an example without weights in the same batch still goes through the template
+    batch = collator([{"input_ids": [11, 12, 13], "loss_weights": [0.0, 1.0, 1.0]}, {"input_ids": [5, 99, 98, 7, 8]}])
+    assert batch["completion_mask"][1].tolist() == [False, False, False, True, True]
+
+
 def test_example_weight_scalar_and_per_token():
     examples = [
         {"input_ids": [1, 2, 3], "completion_mask": [0, 1, 1], "w": 3.0},

@@ -396,9 +396,18 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
         return torch.from_numpy(roles.astype(np.int64, copy=False))
 
     def _example_roles(
-        self, index: int, example: Mapping[str, Any], ids: torch.Tensor, doc_lengths: list[int], need: bool
+        self,
+        index: int,
+        example: Mapping[str, Any],
+        ids: torch.Tensor,
+        doc_lengths: list[int],
+        need: bool,
+        templates: bool = True,
     ) -> torch.Tensor | None:
-        """Role codes (int64) of one example from its first role source; None if it has none and ``need`` is False."""
+        """Role codes (int64) of one example from its first role source; None if it has none and ``need`` is False.
+
+        ``templates=False`` leaves the response/instruction templates out: an example that brings its own
+        ``loss_weights`` is weighted as given, and a template missing from its text must neither raise nor zero it."""
         n = ids.numel()
         source = first_source(example, ROLE_SOURCE_COLUMNS)
         if source == "token_roles":
@@ -414,7 +423,7 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
             mask = _tensor(example[source], torch.int64, source, index)
             _check_length(mask, n, source, index)
             return (mask != 0).to(torch.int64)  # Role.COMPLETION == 1, Role.PROMPT == 0
-        if self._matcher is not None:
+        if templates and self._matcher is not None:
             return self._template_roles(index, ids, doc_lengths)
         if not need:
             return None
@@ -474,7 +483,7 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
             weights = _tensor(weights, torch.float32, "loss_weights", i)
             _check_length(weights, n, "loss_weights", i)
             _check_values(weights, "loss_weights", i, self.allow_negative_weights)
-            roles = self._example_roles(i, example, ids, docs, need=False)
+            roles = self._example_roles(i, example, ids, docs, need=False, templates=False)
             if roles is None:  # no role information: what carries weight counts as completion
                 roles = (weights != 0).to(torch.int64)
         else:
