@@ -640,3 +640,16 @@ def test_old_collator_keyword_and_positional_arguments(smollm2_tokenizer):
         Collator("### Response:\n", tokenizer=smollm2_tokenizer, response_template="### Answer:\n")
     batch = Collator(tokenizer=smollm2_tokenizer, response_template="### Response:\n", return_position_ids=True)(ids)
     assert batch["position_ids"][0, :3].tolist() == [0, 1, 2] and "attention_mask" in batch
+
+
+def test_constructor_errors_name_the_argument(smollm2_tokenizer):
+    """Bad constructor input names the argument and the fix; a numpy integer pad id is an int like any other."""
+    import numpy as np
+
+    assert Collator(pad_token_id=np.int64(3)).pad_token_id == 3
+    with pytest.raises(ValueError, match="instruction_template='': The template is an empty string"):
+        Collator(tokenizer=smollm2_tokenizer, response_template="### Response:", instruction_template="")
+    with pytest.raises(ValueError, match=r"response_template=\[\]: The template token ids are empty"):
+        Collator(pad_token_id=PAD, response_template=[])
+    with pytest.raises(ValueError, match="first positional argument.*tokenizer=tokenizer"):
+        Collator(smollm2_tokenizer)

@@ -333,6 +333,14 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
                     f"{self.response_template!r} is set too. Pass pad_token_id as an int (or leave it unset)."
                 )
             self.response_template, self.pad_token_id = self.pad_token_id, None
+        elif isinstance(self.pad_token_id, np.integer):
+            self.pad_token_id = int(self.pad_token_id)
+        elif hasattr(self.pad_token_id, "pad_token_id") and callable(self.pad_token_id):
+            raise ValueError(
+                f"A {type(self.pad_token_id).__name__} was given as the first positional argument, which is "
+                "pad_token_id (or, as in TRL's old collator, the response template). Pass the tokenizer by keyword: "
+                "DataCollatorForWeightedCompletionLM(tokenizer=tokenizer, response_template=...)."
+            )
         elif self.pad_token_id is not None and (
             isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int)
         ):

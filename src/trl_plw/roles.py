@@ -456,6 +456,14 @@ def _as_variants(value: Any) -> tuple[tuple[int, ...], ...]:
 _Finder = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
+def _named_template_variants(tokenizer: Any, template: Any, field_name: str):
+    """`_split_template_variants`, with errors that name the argument the template came from."""
+    try:
+        return _split_template_variants(tokenizer, template)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{field_name}={template!r}: {error}") from error
+
+
 def _template_roles(
     ids: np.ndarray, find_response: _Finder, find_instruction: _Finder | None
 ) -> tuple[np.ndarray, bool]:
@@ -558,9 +566,11 @@ class TemplateMatcher:
         self.tokenizer = tokenizer
         self.response_template = response_template
         self.instruction_template = instruction_template
-        self._response = _split_template_variants(tokenizer, response_template)
+        self._response = _named_template_variants(tokenizer, response_template, "response_template")
         self._instruction = (
-            None if instruction_template is None else _split_template_variants(tokenizer, instruction_template)
+            None
+            if instruction_template is None
+            else _named_template_variants(tokenizer, instruction_template, "instruction_template")
         )
         self.response_variants = self._response[0] + self._response[1]
         self.instruction_variants = None if self._instruction is None else self._instruction[0] + self._instruction[1]
