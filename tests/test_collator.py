@@ -653,3 +653,14 @@ def test_constructor_errors_name_the_argument(smollm2_tokenizer):
         Collator(pad_token_id=PAD, response_template=[])
     with pytest.raises(ValueError, match="first positional argument.*tokenizer=tokenizer"):
         Collator(smollm2_tokenizer)
+
+
+def test_non_integer_or_negative_token_ids_are_refused():
+    """Float ids would be truncated (1.7 -> 1) and negative ids index nothing: both are refused by name."""
+    with pytest.raises(ValueError, match=r"`input_ids` holds non-integer values \(\[1.7"):
+        Collator(pad_token_id=PAD)([{"input_ids": [1.7, 2.0, 3.0], "completion_mask": [0, 1, 1]}])
+    with pytest.raises(ValueError, match="`input_ids` has negative ids"):
+        Collator(pad_token_id=PAD)([{"input_ids": [1, -100, 3], "completion_mask": [0, 1, 1]}])
+    # integral floats (e.g. from a float array) are still token ids
+    batch = Collator(pad_token_id=PAD)([{"input_ids": [1.0, 2.0, 3.0], "completion_mask": [0, 1, 1]}])
+    assert batch["input_ids"].tolist() == [[1, 2, 3]]

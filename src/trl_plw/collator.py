@@ -41,11 +41,17 @@ _MAX_ROLE = max(int(r) for r in Role)
 
 def _tensor(value: Any, dtype: torch.dtype, name: str, index: int) -> torch.Tensor:
     try:
-        tensor = torch.as_tensor(value, dtype=dtype)
+        raw = torch.as_tensor(value)
+        tensor = raw.to(dtype)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"Example {index}: `{name}` could not be read as a 1-D sequence of numbers ({exc}).") from exc
     if tensor.ndim != 1:
         raise ValueError(f"Example {index}: `{name}` must be a 1-D sequence, got shape {tuple(tensor.shape)}.")
+    if raw.dtype.is_floating_point and not dtype.is_floating_point and not torch.equal(raw, raw.round()):
+        raise ValueError(
+            f"Example {index}: `{name}` holds non-integer values ({raw[raw != raw.round()][:3].tolist()}); it is read "
+            "as integers (token ids, role codes or 0/1 masks), and truncating them would change the example."
+        )
     return tensor
 
 
@@ -478,6 +484,11 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
         n = ids.numel()
         if n == 0:
             raise ValueError(f"Example {i} is empty (len(input_ids) == 0). Filter empty examples out of the dataset.")
+        if ids.min() < 0:
+            raise ValueError(
+                f"Example {i}: `input_ids` has negative ids (min {ids.min().item()}); token ids are >= 0 (-100 marks "
+                "ignored positions in `labels`, never in `input_ids`)."
+            )
         for name in PER_TOKEN_COLUMNS:  # every per-token column, used or not, must stay aligned
             length = _sequence_length(example.get(name))
             if length is not None and length != n:
