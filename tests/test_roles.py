@@ -364,3 +364,13 @@ def test_overlapping_variant_matches_are_one_occurrence():
 def test_doctests():
     result = doctest.testmod(roles_module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_missing_template_with_a_literal_backslash_n_says_how_to_write_a_newline(smollm2_tokenizer):
+    """`--response_template '### Response:\\n'` on a command line arrives as a backslash and an 'n'; the
+    not-found error says so and how to pass a real newline."""
+    tok = smollm2_tokenizer
+    ids = tok("### Instruction:\nSay hi.\n### Response:\nHi!", add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match=r"not found.*backslash followed by 'n', not a newline.*\$'### Response:\\n'"):
+        TemplateMatcher(tok, "### Response:\\n").document_roles(ids)
+    assert TemplateMatcher(tok, "### Response:\n").document_roles(ids)[1] == []  # the real newline is found

@@ -654,7 +654,17 @@ class TemplateMatcher:
             f"response_template={self.response_template!r} was not found in {where} (starts with {text!r}); looked "
             f"for the token sequences {list(self.response_variants)}. Fix the template, drop such examples, set "
             "on_missing_template='ignore' on the DataCollatorForWeightedCompletionLM to give them weight 0 (PLWTrainer "
-            "then drops them), or build `token_roles` at dataset preparation (trl_plw.roles)."
+            "then drops them), or build `token_roles` at dataset preparation (trl_plw.roles)." + self._escape_hint()
+        )
+
+    def _escape_hint(self) -> str:
+        """A template typed on a command line keeps ``\\n`` as two characters (HfArgumentParser does not unescape)."""
+        literal = [t for t in (self.response_template, self.instruction_template) if isinstance(t, str) and "\\n" in t]
+        if not literal:
+            return ""
+        return (
+            f" The template {literal[0]!r} contains a backslash followed by 'n', not a newline: on a shell command line "
+            "write $'### Response:\\n' (bash), or put it in a YAML config as a double-quoted \"### Response:\\n\"."
         )
 
 
