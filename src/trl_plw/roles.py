@@ -415,7 +415,7 @@ def _find_occurrences(
     """
     n = ids.shape[0]
     starts, ends = [], []
-    for variant in (*variants, *checked):
+    for index, variant in enumerate((*variants, *checked)):
         length = len(variant)
         if length > n:
             continue
@@ -424,7 +424,7 @@ def _find_occurrences(
             if candidates.size == 0:
                 break
             candidates = candidates[ids[candidates + k] == variant[k]]
-        if candidates.size and accept is not None and variant in checked and variant not in variants:
+        if candidates.size and accept is not None and index >= len(variants):
             candidates = candidates[[accept(ids, int(c), int(c) + length) for c in candidates]]
         if candidates.size:
             starts.append(candidates)
@@ -574,6 +574,10 @@ class TemplateMatcher:
         )
         self.response_variants = self._response[0] + self._response[1]
         self.instruction_variants = None if self._instruction is None else self._instruction[0] + self._instruction[1]
+        self._find_response = self._finder(self._response, response_template)
+        self._find_instruction = (
+            None if self._instruction is None else self._finder(self._instruction, instruction_template)
+        )
 
     def __repr__(self) -> str:
         return (
@@ -595,25 +599,19 @@ class TemplateMatcher:
 
     def find_response(self, input_ids: Any) -> tuple[np.ndarray, np.ndarray]:
         """(starts, ends) of the response-template occurrences."""
-        ids = _as_numpy_1d(input_ids, "input_ids").astype(np.int64, copy=False)
-        return self._finder(self._response, self.response_template)(ids)
+        return self._find_response(_as_numpy_1d(input_ids, "input_ids").astype(np.int64, copy=False))
 
     def find_instruction(self, input_ids: Any) -> tuple[np.ndarray, np.ndarray]:
         """(starts, ends) of the instruction-template occurrences (empty without an instruction template)."""
-        if self._instruction is None:
+        if self._find_instruction is None:
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty
-        ids = _as_numpy_1d(input_ids, "input_ids").astype(np.int64, copy=False)
-        return self._finder(self._instruction, self.instruction_template)(ids)
+        return self._find_instruction(_as_numpy_1d(input_ids, "input_ids").astype(np.int64, copy=False))
 
     def roles(self, input_ids: Any) -> tuple[np.ndarray, bool]:
         """Role codes (int8) and whether the response template was found; semantics of `roles_from_templates`."""
         ids = _as_numpy_1d(input_ids, "input_ids").astype(np.int64, copy=False)
-        return _template_roles(
-            ids,
-            self.find_response,
-            None if self._instruction is None else self.find_instruction,
-        )
+        return _template_roles(ids, self._find_response, self._find_instruction)
 
     __call__ = roles
 
