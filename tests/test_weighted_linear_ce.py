@@ -1,8 +1,14 @@
-"""Exactness and behaviour of the fused weighted linear + cross-entropy op against a full-logits reference."""
+"""Exactness and behaviour of the fused weighted linear + cross-entropy op against a full-logits reference.
+
+Every test runs once per tile loop and layout (`LOOPS`): the eager reference in both tile layouts, and the fused loop
+with its PyTorch epilogue. Under ``TRITON_INTERPRET=1`` the fused loop with the Triton epilogue runs too (on CPU, in
+Triton's interpreter): ``test_triton_epilogue_runs_every_kernel_test`` starts this file that way in a subprocess.
+"""
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import os
 
 import pytest
 import torch
@@ -10,30 +16,70 @@ import torch.nn.functional as F
 
 import trl_plw.ops
 import trl_plw.ops.weighted_linear_ce as wlc
-from trl_plw.ops import TokenStats, weighted_linear_cross_entropy
+from trl_plw.ops import KernelOptions, TokenStats, weighted_linear_cross_entropy
 
 IGNORE = -100
 _OP = weighted_linear_cross_entropy
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+LOOPS = {
+    "row_major": KernelOptions(impl="torch", vocab_major=False),
+    "vocab_major": KernelOptions(impl="torch", vocab_major=True),
+    "fused": KernelOptions(impl="fused", epilogue="torch"),
+}
+if TRITON_INTERPRETED:  # only the Triton loop: the others ran in the parent pytest
+    LOOPS = {"fused_triton": KernelOptions(impl="fused", epilogue="triton")}
+OPTION_NAMES = {f.name for f in dataclasses.fields(KernelOptions)}
 
 
-@pytest.fixture(autouse=True, params=["row_major", "vocab_major"])
-def tile_layout(request, monkeypatch):
-    """Every test runs with both tile layouts ([n, V] and [V, n]): the module's ``weighted_linear_cross_entropy``
-    becomes the op with ``vocab_major`` bound, for the duration of the test."""
-    monkeypatch.setitem(
-        globals(), "weighted_linear_cross_entropy", functools.partial(_OP, vocab_major=request.param == "vocab_major")
-    )
+@pytest.fixture(autouse=True, params=list(LOOPS))
+def tile_loop(request, monkeypatch):
+    """The module's ``weighted_linear_cross_entropy`` becomes the op with this loop's options, for the duration of
+    the test; tuning keywords a test passes (``memory_budget_bytes=...``) are merged into those options."""
+    base = LOOPS[request.param]
+
+    def op(*args, options=None, **kw):
+        tuning = {k: kw.pop(k) for k in list(kw) if k in OPTION_NAMES}
+        return _OP(*args, options=dataclasses.replace(options or base, **tuning), **kw)
+
+    monkeypatch.setitem(globals(), "weighted_linear_cross_entropy", op)
     return request.param
 
 
-def test_impl_registry_and_public_api():
+def test_impl_registry_and_public_api(tile_loop):
     h, w, t, tw = torch.randn(5, 4), torch.randn(11, 4), torch.randint(0, 11, (5,)), torch.rand(5)
-    torch.testing.assert_close(weighted_linear_cross_entropy(h, w, t, tw, impl="torch"), _OP(h, w, t, tw))
-    assert set(wlc.IMPLEMENTATIONS) == {"torch"}
-    with pytest.raises(ValueError, match=r"impl='triton'.*\['torch'\]"):
-        weighted_linear_cross_entropy(h, w, t, tw, impl="triton")
-    assert trl_plw.ops.__all__ == ["TokenStats", "weighted_linear_cross_entropy"]
+    expected = _OP(h, w, t, tw, options=KernelOptions(impl="torch"))
+    torch.testing.assert_close(weighted_linear_cross_entropy(h, w, t, tw), expected)
+    assert set(wlc.IMPLEMENTATIONS) == {"torch", "fused"}
+    with pytest.raises(ValueError, match=r"impl='triton'.*\['fused', 'torch'\]"):
+        KernelOptions(impl="triton")
+    assert trl_plw.ops.__all__ == ["KernelOptions", "TokenStats", "weighted_linear_cross_entropy"]
     assert not hasattr(wlc, "VALIDATE_VALUES") and not hasattr(wlc, "VOCAB_MAJOR_TILES")  # options are arguments
+
+
+def test_default_impl_per_device():
+    cpu = torch.device("cpu")
+    assert wlc._pick_impl(KernelOptions(), cpu) == ("torch", "torch")
+    assert wlc._pick_impl(KernelOptions(impl="fused"), cpu) == ("fused", "torch")
+    assert wlc._pick_impl(KernelOptions(vocab_major=True), cpu) == ("torch", "torch")
+    if not TRITON_INTERPRETED:
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            wlc._pick_impl(KernelOptions(epilogue="triton"), cpu)
+    with pytest.raises(ValueError, match="vocab_major=True applies to impl='torch'"):
+        KernelOptions(impl="fused", vocab_major=True)
+    with pytest.raises(ValueError, match="epilogue applies to impl='fused'"):
+        KernelOptions(impl="torch", epilogue="torch")
+
+
+def test_old_flat_tuning_keywords_warn_and_still_work():
+    h, w, t, tw = torch.randn(5, 4), torch.randn(11, 4), torch.randint(0, 11, (5,)), torch.rand(5) - 0.3
+    expected = _OP(h, w, t, tw, options=KernelOptions(memory_budget_bytes=88, allow_negative_weights=True))
+    with pytest.warns(FutureWarning, match=r"options=KernelOptions\(memory_budget_bytes=\.\.\., allow_neg"):
+        old = _OP(h, w, t, tw, memory_budget_bytes=88, allow_negative_weights=True)
+    torch.testing.assert_close(old, expected)
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        _OP(h, w, t, tw, memory_budget=88)
+    with pytest.raises(TypeError, match="options must be a trl_plw.ops.KernelOptions"):
+        _OP(h, w, t, tw, options={"impl": "torch"})
 
 
 def reference(h, w, targets, token_weights=None, *, bias=None, reduction="mean", normalizer=None, softcap=None,

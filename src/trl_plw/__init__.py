@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "weighted_linear_cross_entropy": "trl_plw.ops",
+    "KernelOptions": "trl_plw.ops",
     "TokenStats": "trl_plw.ops",
     "DataCollatorForWeightedCompletionLM": "trl_plw.collator",
     "RoleWeights": "trl_plw.roles",
@@ -30,6 +31,7 @@ _EXPORTS = {
 # Written out (not derived from _EXPORTS) so that linters and editors read it; tests/test_imports.py keeps them equal.
 __all__ = [
     "DataCollatorForWeightedCompletionLM",
+    "KernelOptions",
     "PLWConfig",
     "PLWTrainer",
     "RoleWeights",
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
     from trl_plw.attention import VARLEN_ATTENTION, select_attn_implementation
     from trl_plw.collator import DataCollatorForWeightedCompletionLM
     from trl_plw.experiments.offline_model import load_model, load_model_and_tokenizer, load_tokenizer
-    from trl_plw.ops import TokenStats, weighted_linear_cross_entropy
+    from trl_plw.ops import KernelOptions, TokenStats, weighted_linear_cross_entropy
     from trl_plw.roles import RoleWeights
     from trl_plw.schedules import prompt_weight_at
     from trl_plw.trainer import PLWConfig, PLWTrainer

@@ -327,7 +327,9 @@ def add_weighted_lm_head(model, memory_budget_bytes: int | None = None) -> None:
     check_head_supported(model)
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-    from trl_plw.ops import weighted_linear_cross_entropy
+    from trl_plw.ops import KernelOptions, weighted_linear_cross_entropy
+
+    options = KernelOptions(memory_budget_bytes=memory_budget_bytes)
 
     previous_forward = model.forward
     transform: list[tuple[float, float | None]] = []  # resolved on the first weighted call, then fixed
@@ -385,7 +387,7 @@ def add_weighted_lm_head(model, memory_budget_bytes: int | None = None) -> None:
                 logit_scale=logit_scale,
                 return_token_stats=True,
                 score_zero_weight_tokens=plw_score_all,
-                memory_budget_bytes=memory_budget_bytes,
+                options=options,
             )
 
         def per_token(x: torch.Tensor) -> torch.Tensor:

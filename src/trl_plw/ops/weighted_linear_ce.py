@@ -4,25 +4,31 @@ For the scalar reductions (``"mean"``/``"sum"``) the per-token weights are known
 gradients are computed there, tile by tile, while the tile's logits are still in memory:
 
     for each tile of ``n`` scored tokens:
-        Z  = transform(h_tile @ W.T + b)          # 1 matmul, fp32 [n, V] buffer reused across tiles
-        P  = softmax(Z)  (in place)                # ce = -log P[target]
-        D  = (P - onehot(target)) * dZ/dY          # in place; dZ/dY = 1, or 1 - tanh^2 with softcapping
-        grad_h[tile] = (D @ W) * c                 # 1 matmul, c = weight / normalizer * logit_scale per row
-        grad_W      += D.T @ (h_tile * c)          # 1 matmul, fp32 accumulator
+        Z  = transform(h_tile @ W.T + b)           # 1 matmul
+        D  = (softmax(Z) - onehot(target)) * dZ/dY  # dZ/dY = 1, or 1 - tanh^2 with softcapping
+        grad_h[tile] = (D @ W) * c                  # 1 matmul, c = weight / normalizer * logit_scale per row
+        grad_W      += D.T @ (h_tile * c)           # 1 matmul, fp32 accumulator
         grad_b      += D.T @ c
 
 Three matmuls per tile instead of the four of a head that recomputes the logits in backward. The backward only
 scales the stored gradients by the incoming scalar. ``reduction="none"`` has a per-token upstream gradient that is
 unknown in the forward, so that path saves its inputs and recomputes the tiles in backward.
 
+Two tile loops implement it (`IMPLEMENTATIONS`): ``"torch"`` (`trl_plw.ops._eager`: fp32 tile, in-place softmax;
+the reference, and CPU's default) and ``"fused"`` (`trl_plw.ops._fused`: the tile in the matmul dtype and one fused
+epilogue between the GEMMs, Triton on CUDA; CUDA's default).
+
 Tokens that are not scored (target == ``ignore_index``, or weight 0 unless ``score_zero_weight_tokens``) are
-dropped before any matmul and their results are scattered back afterwards.
+dropped before any matmul and their results are scattered back afterwards. The number of scored tokens, read back
+together with the value checks, is the one host read of a call (on CPU the eager loop adds one more flag read).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -30,13 +36,16 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from trl_plw.ops._eager import eager_pass
+from trl_plw.ops._fused import fused_pass
+from trl_plw.ops._tiling import default_memory_budget, fused_rows_per_tile, rows_per_tile
+
 # The public API. The tiling helpers (`rows_per_tile`, `default_memory_budget`) stay importable from this module for
 # benchmarks and tests, but are not part of it.
-__all__ = ["TokenStats", "weighted_linear_cross_entropy"]
+__all__ = ["KernelOptions", "TokenStats", "weighted_linear_cross_entropy"]
 
-_MiB = 1 << 20
-_CPU_DEFAULT_BUDGET = 256 * _MiB
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+_EPILOGUES = ("triton", "torch")
 
 
 class TokenStats(NamedTuple):
@@ -53,253 +62,110 @@ class TokenStats(NamedTuple):
 
 
 @dataclass(frozen=True)
+class KernelOptions:
+    """How :func:`weighted_linear_cross_entropy` computes, not what: every choice here gives the same loss and
+    gradients (to rounding). Like ``torch.nn.LinearCrossEntropyOptions``, kept apart from the math arguments."""
+
+    impl: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Tile loop: 'fused' (matmul-dtype tile + one fused epilogue, Triton on CUDA) or 'torch' (fp32 "
+            "tile, the eager reference). None picks 'fused' on CUDA and 'torch' elsewhere."
+        },
+    )
+    memory_budget_bytes: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Bound on the per-tile buffers in bytes. None: `default_memory_budget` for the device."},
+    )
+    vocab_major: bool | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "impl='torch' only: tile layout [V, n] instead of [n, V]. None picks [V, n] on CPU, where MKL "
+            "runs W @ h.T faster for small tiles. Both layouts give the same result to rounding."
+        },
+    )
+    validate: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "Check values (NaN/inf or negative weights, out-of-range targets, a bad tensor normalizer) "
+            "at scored positions. The flags are read back with the scored-token count the op reads anyway, so "
+            "this adds no host sync."
+        },
+    )
+    allow_negative_weights: bool = dataclasses.field(
+        default=False, metadata={"help": "Accept negative token weights (refused by default: usually a data bug)."}
+    )
+    epilogue: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "impl='fused' only: 'triton' (CUDA, or CPU under TRITON_INTERPRET=1 for tests) or 'torch'. "
+            "None picks 'triton' on CUDA when triton imports, else 'torch'."
+        },
+    )
+
+    def __post_init__(self):
+        if self.impl is not None and self.impl not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"impl={self.impl!r} is not a weighted_linear_cross_entropy implementation; choose one of "
+                f"{sorted(IMPLEMENTATIONS)} (or None for the device's default)."
+            )
+        budget = self.memory_budget_bytes
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+            raise ValueError(f"memory_budget_bytes must be a positive int or None, got {budget!r}.")
+        if self.epilogue is not None and self.epilogue not in _EPILOGUES:
+            raise ValueError(f"epilogue={self.epilogue!r}: choose one of {list(_EPILOGUES)} or None.")
+        if self.impl == "fused" and self.vocab_major:
+            raise ValueError("vocab_major=True applies to impl='torch'; the fused path's tile is [n, V].")
+        if self.impl == "torch" and self.epilogue is not None:
+            raise ValueError("epilogue applies to impl='fused'; impl='torch' has no separate epilogue.")
+
+
+_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(KernelOptions))
+
+
+@dataclass(frozen=True)
 class _HeadConfig:
     logit_scale: float
     softcap: float | None
     compute_dtype: torch.dtype  # dtype of the matmul inputs (autocast dtype, or the inputs' dtype)
-    acc_dtype: torch.dtype  # logits tile, softmax, gradient accumulators: fp32 (fp64 for fp64 inputs)
-    rows: int  # tokens per tile
+    acc_dtype: torch.dtype  # softmax and gradient accumulators: fp32 (fp64 for fp64 inputs)
+    rows: int  # tokens per tile (at most)
     want_argmax: bool
-    vocab_major: bool = False  # tile layout [V, n] instead of [n, V] (faster projection GEMM with MKL on CPU)
-
-
-def default_memory_budget(device: torch.device, weight_grad_bytes: int | None = None) -> int:
-    """Bytes the per-tile buffers may use when ``memory_budget_bytes`` is None.
-
-    CPU: 1/8 of the fp32 weight-gradient buffer (``V * H * 4``, which any trainable head needs anyway), clamped to
-    [16 MiB, 256 MiB]; so the tiles add at most ~12% to the gradient memory, and for large heads the tiles are big
-    enough (>= 256 rows) that the ``grad_W += D.T @ h`` accumulation stays compute-bound. CUDA: 1/64 of the device
-    memory, clamped to [256 MiB, 4 GiB] (1.25 GiB on an 80 GB GPU).
-    """
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        return int(min(max(total // 64, 256 * _MiB), 4096 * _MiB))
-    if weight_grad_bytes is None:
-        return _CPU_DEFAULT_BUDGET
-    return int(min(max(weight_grad_bytes // 8, 16 * _MiB), _CPU_DEFAULT_BUDGET))
-
-
-def rows_per_tile(
-    vocab_size: int,
-    memory_budget_bytes: int,
-    *,
-    acc_dtype: torch.dtype = torch.float32,
-    compute_dtype: torch.dtype = torch.float32,
-    softcap: bool = False,
-) -> int:
-    """Tokens per tile so that the tile buffers (``[n, V]`` accumulator tile, its low-precision copy when the matmuls
-    run in bf16/fp16, the ``tanh^2`` buffer with softcapping) fit in ``memory_budget_bytes``."""
-    acc_bytes = torch.empty((), dtype=acc_dtype).element_size()
-    per_row = vocab_size * acc_bytes * (2 if softcap else 1)
-    if compute_dtype != acc_dtype:
-        per_row += vocab_size * torch.empty((), dtype=compute_dtype).element_size()
-    rows = max(1, int(memory_budget_bytes) // per_row)
-    for step in (64, 16):  # matmul-friendly sizes
-        if rows >= 2 * step:
-            return rows - rows % step
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------------- tile loop
-
-
-_MIXED_MM_CACHE: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def _mixed_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` works for ``dtype`` inputs here (CUDA, torch >= 2.8)."""
-    if device.type != "cuda":
-        return False
-    key = (str(device), dtype)
-    if key not in _MIXED_MM_CACHE:
-        try:
-            a = torch.zeros(2, 2, dtype=dtype, device=device)
-            torch.mm(a, a, out_dtype=torch.float32)
-            _MIXED_MM_CACHE[key] = True
-        except (RuntimeError, TypeError):
-            _MIXED_MM_CACHE[key] = False
-    return _MIXED_MM_CACHE[key]
-
-
-def _mm_into(out, a, b, *, accumulate=False, mixed=False, scratch=None) -> None:
-    """``out (+)= a @ b`` with ``out`` in the accumulation dtype, also when ``a``/``b`` are bf16/fp16.
-
-    ``mixed``: the device has an fp32-output low-precision GEMM. Otherwise the low-precision GEMM's result (computed
-    with fp32 accumulation inside, rounded once) goes through ``scratch`` (or a temporary) and is converted.
-    """
-    if a.dtype == out.dtype:
-        if accumulate:
-            out.addmm_(a, b)
-        else:
-            torch.mm(a, b, out=out)
-    elif mixed:
-        if accumulate:
-            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-        else:
-            torch.mm(a, b, out_dtype=out.dtype, out=out)
-    else:
-        prod = torch.mm(a, b, out=scratch) if scratch is not None else torch.mm(a, b)
-        if accumulate:
-            out.add_(prod)
-        else:
-            out.copy_(prod)
-
-
-def _logits_into(tile, lp_tile, h_rows, w_c, bias_f, fold, cfg, mixed) -> None:
-    """``tile = fold * (h_rows @ W.T + b)`` in the accumulation dtype (``bias_f`` is already multiplied by fold).
-
-    With ``cfg.vocab_major`` the tile holds the transpose, ``[V, n]`` (computed as ``W @ h_rows.T``).
-    """
-    vm = cfg.vocab_major
-    if cfg.compute_dtype == cfg.acc_dtype:
-        hs = h_rows if fold == 1.0 else h_rows * fold
-        a, b = (w_c, hs.t()) if vm else (hs, w_c.t())
-        if bias_f is not None:
-            torch.addmm(bias_f.unsqueeze(1) if vm else bias_f, a, b, out=tile)
-        else:
-            torch.mm(a, b, out=tile)
-        return
-    # Matmul inputs in the autocast dtype (like nn.Linear under autocast), everything after it in fp32
-    h_lp = h_rows.to(cfg.compute_dtype)
-    a, b = (w_c, h_lp.t()) if vm else (h_lp, w_c.t())
-    _mm_into(tile, a, b, mixed=mixed, scratch=lp_tile)
-    if bias_f is not None:
-        torch.add(bias_f.unsqueeze(1) if vm else bias_f, tile, alpha=fold, out=tile)
-    elif fold != 1.0:
-        tile.mul_(fold)
+    impl: str = "torch"  # a key of IMPLEMENTATIONS
+    vocab_major: bool = False  # impl="torch": tile layout [V, n] instead of [n, V]
+    epilogue: str = "torch"  # impl="fused": "triton" or "torch"
 
 
 def _head_pass(h, w, b, targets, coef, cfg: _HeadConfig, need_gh=False, need_gw=False, need_gb=False):
-    """One pass over the scored tokens.
+    """One pass over the scored tokens, by the tile loop ``cfg.impl`` names.
 
     ``h [M, H]``, ``targets [M]`` (all in ``[0, V)``), ``coef [M]`` (dLoss/dZ scale per row, without logit_scale)
     or None for a forward-only pass. Returns ``ce [M]`` (acc dtype), ``is_argmax [M]`` or None, and the gradients
     ``grad_h [M, H]``, ``grad_W [V, H]``, ``grad_b [V]`` (acc dtype; None when not requested).
     """
-    M, H = h.shape
-    V = w.shape[0]
-    dev, acc = h.device, cfg.acc_dtype
-    lp = cfg.compute_dtype != acc
-    mixed = lp and _mixed_mm_available(dev, cfg.compute_dtype)
-    grads = coef is not None
-    need_gh, need_gw, need_gb = grads and need_gh, grads and need_gw, grads and need_gb and b is not None
+    return IMPLEMENTATIONS[cfg.impl](h, w, b, targets, coef, cfg, need_gh, need_gw, need_gb)
 
-    ce = torch.empty(M, dtype=acc, device=dev)
-    is_argmax = torch.empty(M, dtype=torch.bool, device=dev) if cfg.want_argmax else None
-    gh = torch.empty(M, H, dtype=acc, device=dev) if need_gh else None
-    gw = torch.empty(V, H, dtype=acc, device=dev) if need_gw else None  # the first tile writes, later tiles add
-    gb = torch.empty(V, dtype=acc, device=dev) if need_gb else None
-    if M == 0:
-        for g in (gw, gb):
-            if g is not None:
-                g.zero_()
-        return ce, is_argmax, gh, gw, gb
 
-    rows = min(cfg.rows, M)
-    vm = cfg.vocab_major
-    # flat buffers, so that the ragged last tile is a contiguous view in either layout
-    tile_buf = torch.empty(rows * V, dtype=acc, device=dev)
-    lp_buf = torch.empty(rows * V, dtype=cfg.compute_dtype, device=dev) if lp else None
-    sq_buf = torch.empty(rows * V, dtype=acc, device=dev) if (cfg.softcap is not None and grads) else None
-    w_c = w if w.dtype == cfg.compute_dtype else w.to(cfg.compute_dtype)
-    # logit_scale (and 1/softcap) is folded into the [n, H] rows instead of a pass over the [n, V] tile
-    fold = cfg.logit_scale if cfg.softcap is None else cfg.logit_scale / cfg.softcap
-    bias_f = None if b is None else b.to(acc) * fold
-    if grads:
-        coef = coef.to(acc) * cfg.logit_scale
-    arange = torch.arange(rows, device=dev)
-    target_logit = torch.empty(M, dtype=acc, device=dev)
-    p_target = torch.empty(M, dtype=acc, device=dev)
-    vdim = 0 if vm else 1  # the vocabulary dimension of the tile
-
-    def shaped(buf, n):
-        return None if buf is None else buf[: n * V].view((V, n) if vm else (n, V))
-
-    for start in range(0, M, rows):
-        end = min(start + rows, M)
-        n = end - start
-        tile, lp_tile, sq = shaped(tile_buf, n), shaped(lp_buf, n), shaped(sq_buf, n)
-        r = arange[:n]
-        tgt = targets[start:end]
-        at = (tgt, r) if vm else (r, tgt)  # the target logit of every token
-        h_rows = h[start:end]
-        if not lp and h_rows.dtype != acc:
-            h_rows = h_rows.to(acc)
-
-        _logits_into(tile, lp_tile, h_rows, w_c, bias_f, fold, cfg, mixed)
-        if cfg.softcap is not None:
-            tile.tanh_()  # t = tanh(y * scale / softcap)
-            if sq is not None:
-                torch.mul(tile, tile, out=sq)
-            tile.mul_(cfg.softcap)
-        z_t = tile[at]
-        target_logit[start:end] = z_t
-        if is_argmax is not None:
-            # the largest *other* logit: hide the target, reduce, restore (no [n, V] temporary)
-            tile[at] = -math.inf
-            is_argmax[start:end] = z_t > tile.amax(dim=vdim)
-            tile[at] = z_t
-        torch.softmax(tile, dim=vdim, out=tile)  # in place
-        p_t = tile[at]
-        p_target[start:end] = p_t
-        if not grads:
-            continue
-
-        tile[at] = p_t - 1  # P - onehot
-        if sq is not None:
-            tile.addcmul_(tile, sq, value=-1)  # * (1 - t^2)
-        c = coef[start:end]
-        if lp and (need_gh or (need_gw and mixed)):
-            lp_tile.copy_(tile)  # the logits gradient as the matmul input dtype, like autocast's backward
-        d = tile.t() if vm else tile  # [n, V] view of the logits gradient
-        d_lp = None if lp_tile is None else (lp_tile.t() if vm else lp_tile)
-        if need_gh:
-            g = gh[start:end]
-            _mm_into(g, d_lp if lp else d, w_c, mixed=mixed)
-            g.mul_(c.unsqueeze(1))
-        if need_gw:
-            hc = h_rows.to(cfg.compute_dtype).to(acc) if lp else h_rows
-            hc = hc * c.unsqueeze(1)
-            if mixed:
-                _mm_into(gw, d_lp.t(), hc.to(cfg.compute_dtype), accumulate=start > 0, mixed=True)
-            else:
-                # fp32 GEMM over the fp32 tile: no per-tile rounding of the product before accumulation
-                _mm_into(gw, d.t(), hc, accumulate=start > 0)
-        if need_gb:
-            if start == 0:
-                torch.mv(d.t(), c, out=gb)
-            else:
-                gb.addmv_(d.t(), c)
-
-    torch.log(p_target, out=ce).neg_()
-    # -log(p) loses precision once p is subnormal (ce > ~87 in fp32): recompute those rows' logsumexp exactly
-    tiny = torch.finfo(acc).tiny * 2.0**24
-    low = p_target < tiny
-    if bool(low.any()):
-        idx = low.nonzero().squeeze(1)
-        k = idx.numel()
-        z = torch.empty((V, k) if vm else (k, V), dtype=acc, device=dev)
-        lp_z = torch.empty(z.shape, dtype=cfg.compute_dtype, device=dev) if lp else None
-        h_rows = h.index_select(0, idx)
-        if not lp and h_rows.dtype != acc:
-            h_rows = h_rows.to(acc)
-        _logits_into(z, lp_z, h_rows, w_c, bias_f, fold, cfg, mixed)
-        if cfg.softcap is not None:
-            z.tanh_().mul_(cfg.softcap)
-        ce[idx] = torch.logsumexp(z, dim=vdim) - target_logit[idx]
-    return ce, is_argmax, gh, gw, gb
+IMPLEMENTATIONS: dict[str, Callable] = {"torch": eager_pass, "fused": fused_pass}
+"""``impl`` name -> tile loop, called as ``(h, w, b, targets, coef, cfg, need_gh, need_gw, need_gb)`` (the
+contract of `_head_pass`). Input checks, compaction, normalization and autograd are shared."""
 
 
 # ---------------------------------------------------------------------------------------------- autograd glue
 
 
-def _scale_grad(g: torch.Tensor | None, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+def _scale_grad(g: torch.Tensor | None, grad_out: torch.Tensor, dtype: torch.dtype, cfg: _HeadConfig):
+    """``g * grad_out`` in ``dtype``, in one pass (the multiply and the cast share a kernel)."""
     if g is None:
         return None
-    # On CPU the check is free; on GPU it would be a host sync, so always multiply (one cheap elementwise pass)
-    if not (grad_out.device.type == "cpu" and float(grad_out) == 1.0):
-        g.mul_(grad_out.to(g.dtype))
-    return g if g.dtype == dtype else g.to(dtype)
+    # The eager loop on CPU reads grad_out, which is free there, and skips a pass over grad_W when it is 1. The
+    # fused loop never reads it: on a GPU that read would be a host sync.
+    if cfg.impl == "torch" and grad_out.device.type == "cpu" and g.dtype == dtype and float(grad_out) == 1.0:
+        return g
+    scale = grad_out.to(g.dtype)
+    if g.dtype == dtype:
+        return g.mul_(scale)
+    return torch.mul(g, scale, out=torch.empty_like(g, dtype=dtype))
 
 
 class _ReducedHead(torch.autograd.Function):
@@ -334,9 +200,9 @@ class _ReducedHead(torch.autograd.Function):
         h_dtype, w_dtype, b_dtype = ctx.dtypes
         gh, gw, gb = grads
         return (
-            _scale_grad(gh, grad_loss, h_dtype),
-            _scale_grad(gw, grad_loss, w_dtype),
-            _scale_grad(gb, grad_loss, b_dtype) if b_dtype is not None else None,
+            _scale_grad(gh, grad_loss, h_dtype, ctx.cfg),
+            _scale_grad(gw, grad_loss, w_dtype, ctx.cfg),
+            _scale_grad(gb, grad_loss, b_dtype, ctx.cfg) if b_dtype is not None else None,
             None,
             None,
             None,
@@ -387,13 +253,11 @@ class _PerTokenHead(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------- validation
 
 
-def _check_inputs(hidden, weight, targets, token_weights, bias, reduction, normalizer, softcap, logit_scale, budget):
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}.")
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}.")
-    if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}.")
+def _check_tensors(hidden, weight, targets, token_weights, bias) -> None:
+    """Types, shapes and devices of the tensor arguments (no host reads)."""
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
     if hidden.dim() != 2:
         raise ValueError(
             f"hidden must be 2-D [N, H], got shape {tuple(hidden.shape)}; flatten the batch dims first, "
@@ -450,6 +314,10 @@ def _check_inputs(hidden, weight, targets, token_weights, bias, reduction, norma
             raise ValueError(
                 f"{name} is on {t.device} but hidden is on {hidden.device}; move it with .to(hidden.device)."
             )
+
+
+def _check_math(hidden, reduction, normalizer, softcap, logit_scale) -> None:
+    """The loss's scalar arguments (a tensor normalizer's value is checked with the other values)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
     if normalizer is not None:
@@ -475,26 +343,28 @@ def _check_inputs(hidden, weight, targets, token_weights, bias, reduction, norma
             raise ValueError(f"softcap must be a positive float or None, got {softcap!r}.")
     if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale):
         raise ValueError(f"logit_scale must be a finite float, got {logit_scale!r}.")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
-        raise ValueError(f"memory_budget_bytes must be a positive int or None, got {budget!r}.")
 
 
-def _check_values(targets, valid, token_weights, normalizer, vocab, ignore_index, allow_negative_weights):
-    """Value checks, batched into a single host sync."""
-    flags = [((targets < 0) | (targets >= vocab)) & valid]
-    names = ["targets"]
+def _count_and_check(scored, targets, valid, token_weights, normalizer, vocab, ignore_index, options) -> int:
+    """The number of scored tokens, read back together with the value checks' flags: one host read per call.
+
+    The count sizes the compaction and the tiles, so it must reach the host anyway; the flags ride along, so value
+    validation costs no sync of its own (a device-side assert would, in addition, kill the CUDA context with an
+    unreadable error). Only when a flag is set are the offending values read, to name them.
+    """
+    count = scored.sum()
+    if not options.validate:
+        return int(count)
+    flags = {"targets": (((targets < 0) | (targets >= vocab)) & valid).any()}
     if token_weights is not None:
-        flags.append(~torch.isfinite(token_weights) & valid)
-        names.append("nonfinite")
-        if not allow_negative_weights:
-            flags.append((token_weights < 0) & valid)
-            names.append("negative")
-    found = torch.stack([f.any() for f in flags])
+        flags["nonfinite"] = (~torch.isfinite(token_weights) & valid).any()
+        if not options.allow_negative_weights:
+            flags["negative"] = ((token_weights < 0) & valid).any()
     if isinstance(normalizer, torch.Tensor):
-        bad_norm = ~torch.isfinite(normalizer.reshape(())) | (normalizer.reshape(()) < 0)
-        found = torch.cat([found, bad_norm.reshape(1).to(found.device)])
-        names.append("normalizer")
-    found = dict(zip(names, found.tolist(), strict=True))
+        norm = normalizer.detach().reshape(()).to(count.device)
+        flags["normalizer"] = ~torch.isfinite(norm) | (norm < 0)
+    values = torch.stack([count] + [f.to(count.dtype) for f in flags.values()]).tolist()
+    found = dict(zip(flags, values[1:], strict=True))
     if found["targets"]:
         bad = targets[((targets < 0) | (targets >= vocab)) & valid]
         raise ValueError(
@@ -505,10 +375,53 @@ def _check_values(targets, valid, token_weights, normalizer, vocab, ignore_index
         raise ValueError("token_weights contains NaN or inf at scored positions; weights must be finite.")
     if found.get("negative"):
         raise ValueError(
-            "token_weights contains negative values; pass allow_negative_weights=True if that is intended."
+            "token_weights contains negative values; pass options=KernelOptions(allow_negative_weights=True) if "
+            "that is intended."
         )
     if found.get("normalizer"):
         raise ValueError(f"normalizer must be finite and >= 0, got {normalizer.item()}.")
+    return int(values[0])
+
+
+def _resolve_options(options: KernelOptions | None, deprecated: dict) -> KernelOptions:
+    """``options``, with the tuning keywords of the old flat signature folded in (one release, with a warning)."""
+    if options is not None and not isinstance(options, KernelOptions):
+        raise TypeError(f"options must be a trl_plw.ops.KernelOptions or None, got {type(options).__name__}.")
+    options = options or KernelOptions()
+    if not deprecated:
+        return options
+    unknown = sorted(set(deprecated) - set(_OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"weighted_linear_cross_entropy() got unexpected keyword argument(s) {unknown}.")
+    names = ", ".join(f"{k}=..." for k in deprecated)
+    warnings.warn(
+        f"weighted_linear_cross_entropy({names}) is deprecated and will be removed in the next release; pass "
+        f"options=KernelOptions({names}) instead.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return dataclasses.replace(options, **deprecated)
+
+
+def _pick_impl(options: KernelOptions, device: torch.device) -> tuple[str, str]:
+    """``(impl, epilogue)`` for this device: the options' choice, else fused + Triton on CUDA, eager elsewhere."""
+    from trl_plw.ops._epilogue import triton_available
+
+    impl = options.impl
+    if impl is None:  # a layout or epilogue choice implies its tile loop
+        if options.vocab_major or options.epilogue is not None:
+            impl = "torch" if options.vocab_major else "fused"
+        else:
+            impl = "fused" if device.type == "cuda" else "torch"
+    if impl != "fused":
+        return impl, "torch"
+    epilogue = options.epilogue or ("triton" if triton_available(device) else "torch")
+    if epilogue == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"epilogue='triton' on {device.type} runs only under Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before importing triton (tests do), or leave epilogue=None."
+        )
+    return impl, epilogue
 
 
 # ---------------------------------------------------------------------------------------------------- public API
@@ -526,13 +439,10 @@ def weighted_linear_cross_entropy(
     normalizer: float | torch.Tensor | None = None,
     softcap: float | None = None,
     logit_scale: float = 1.0,
-    allow_negative_weights: bool = False,
     return_token_stats: bool = False,
     score_zero_weight_tokens: bool = False,
-    memory_budget_bytes: int | None = None,
-    vocab_major: bool | None = None,
-    validate: bool = True,
-    impl: str = "torch",
+    options: KernelOptions | None = None,
+    **deprecated_options,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Weighted cross-entropy of ``logits = softcap(logit_scale * (hidden @ weight.T + bias))`` without ever
     materializing the ``[N, V]`` logits.
@@ -551,80 +461,27 @@ def weighted_linear_cross_entropy(
             accumulation steps and ranks.
         softcap: Gemma-2 final logit softcapping, ``softcap * tanh(logits / softcap)``.
         logit_scale: multiplies the logits before the softcap.
-        allow_negative_weights: accept negative token weights.
         return_token_stats: also return :class:`TokenStats` (ce, is_argmax, scored), computed in the same pass.
         score_zero_weight_tokens: score weight-0 tokens too (for evaluation stats); they still contribute nothing
             to the loss or the gradients.
-        memory_budget_bytes: bound on the per-tile buffers (see :func:`rows_per_tile`); default
-            :func:`default_memory_budget`.
-        vocab_major: tile layout ``[V, n]`` (the projection is ``W @ h.T``) instead of ``[n, V]``; None picks
-            vocab-major on CPU, where MKL runs ``W @ h.T`` faster for small tiles, and row-major elsewhere. Both give
-            the same result to rounding.
-        validate: run the value checks (NaN/negative weights, out-of-range targets: one host sync); pass False on GPU
-            once the data pipeline is trusted. Shape, dtype and device checks always run.
-        impl: the implementation, a key of :data:`IMPLEMENTATIONS`: ``"torch"`` (tiled PyTorch, any device) today;
-            a compiled or Triton kernel registers beside it under its own name, with the same arguments.
+        options: :class:`KernelOptions` (implementation, memory budget, layout, validation). The keywords
+            ``impl``, ``memory_budget_bytes``, ``vocab_major``, ``validate`` and ``allow_negative_weights`` are
+            still accepted here for one release, with a ``FutureWarning``.
 
     Returns:
         The loss (0-dim for ``"mean"``/``"sum"``, ``[N]`` for ``"none"``; float32, or float64 for float64 inputs),
         or ``(loss, TokenStats)`` when ``return_token_stats``.
 
-    Under ``torch.autocast`` the three matmuls take autocast-dtype inputs (like ``nn.Linear``); the logits,
-    softmax and gradient accumulation stay in float32 and the gradients come back in the inputs' dtypes.
+    Under ``torch.autocast`` the three matmuls take autocast-dtype inputs (like ``nn.Linear``); softmax and gradient
+    accumulation stay in float32 and the gradients come back in the inputs' dtypes.
     """
-    try:
-        implementation = IMPLEMENTATIONS[impl]
-    except KeyError:
-        raise ValueError(
-            f"impl={impl!r} is not a weighted_linear_cross_entropy implementation; choose one of "
-            f"{sorted(IMPLEMENTATIONS)}."
-        ) from None
-    return implementation(
-        hidden,
-        weight,
-        targets,
-        token_weights,
-        bias=bias,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        normalizer=normalizer,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        allow_negative_weights=allow_negative_weights,
-        return_token_stats=return_token_stats,
-        score_zero_weight_tokens=score_zero_weight_tokens,
-        memory_budget_bytes=memory_budget_bytes,
-        vocab_major=vocab_major,
-        validate=validate,
-    )
-
-
-def _torch_impl(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    token_weights: torch.Tensor | None,
-    *,
-    bias: torch.Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    normalizer: float | torch.Tensor | None,
-    softcap: float | None,
-    logit_scale: float,
-    allow_negative_weights: bool,
-    return_token_stats: bool,
-    score_zero_weight_tokens: bool,
-    memory_budget_bytes: int | None,
-    vocab_major: bool | None,
-    validate: bool,
-) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
-    """The ``"torch"`` implementation: tiles over scored tokens with gradients formed in the forward (module doc)."""
-    _check_inputs(
-        hidden, weight, targets, token_weights, bias, reduction, normalizer, softcap, logit_scale, memory_budget_bytes
-    )
+    options = _resolve_options(options, deprecated_options)
+    _check_tensors(hidden, weight, targets, token_weights, bias)
+    _check_math(hidden, reduction, normalizer, softcap, logit_scale)
     device = hidden.device
     n_tokens = hidden.shape[0]
     vocab = weight.shape[0]
+    impl, epilogue = _pick_impl(options, device)
 
     # dtypes
     autocast = torch.is_autocast_enabled(device.type)
@@ -643,23 +500,22 @@ def _torch_impl(
     if targets.dtype != torch.long:
         targets = targets.long()
     valid = targets != ignore_index
-    if validate:
-        _check_values(targets, valid, token_weights, normalizer, vocab, ignore_index, allow_negative_weights)
     if token_weights is None:
         w = valid.to(acc_dtype)
         scored = valid
     else:
         w = torch.where(valid, token_weights.to(acc_dtype), 0)
         scored = valid if score_zero_weight_tokens else valid & (w != 0)
-    idx = scored.nonzero().squeeze(1)
-    m = idx.numel()
+    m = _count_and_check(scored, targets, valid, token_weights, normalizer, vocab, ignore_index, options)
     compact = m != n_tokens
-    h_c = hidden.index_select(0, idx) if compact else hidden
-    t_c = targets.index_select(0, idx) if compact else targets
-    w_c = w.index_select(0, idx) if compact else w
+    if compact:
+        idx = torch.nonzero_static(scored, size=m).squeeze(1) if m else scored.new_zeros(0, dtype=torch.long)
+        h_c, t_c, w_c = hidden.index_select(0, idx), targets.index_select(0, idx), w.index_select(0, idx)
+    else:
+        h_c, t_c, w_c = hidden, targets, w
 
-    if memory_budget_bytes is not None:
-        budget = memory_budget_bytes
+    if options.memory_budget_bytes is not None:
+        budget = options.memory_budget_bytes
     else:
         budget = default_memory_budget(device, vocab * hidden.shape[1] * (8 if acc_dtype == torch.float64 else 4))
     grad_on = torch.is_grad_enabled()
@@ -667,22 +523,26 @@ def _torch_impl(
     need_gw = grad_on and weight.requires_grad
     need_gb = grad_on and bias is not None and bias.requires_grad
     any_grad = need_gh or need_gw or need_gb
+    if impl == "fused":
+        rows = fused_rows_per_tile(
+            vocab, budget, tile_dtype=compute_dtype, acc_dtype=acc_dtype, torch_epilogue=epilogue == "torch"
+        )
+    else:
+        rows = rows_per_tile(
+            vocab, budget, acc_dtype=acc_dtype, compute_dtype=compute_dtype, softcap=softcap is not None and any_grad
+        )
     cfg = _HeadConfig(
         logit_scale=float(logit_scale),
         softcap=None if softcap is None else float(softcap),
         compute_dtype=compute_dtype,
         acc_dtype=acc_dtype,
-        rows=rows_per_tile(
-            vocab,
-            budget,
-            acc_dtype=acc_dtype,
-            compute_dtype=compute_dtype,
-            softcap=softcap is not None and any_grad,
-        ),
+        rows=rows,
         want_argmax=return_token_stats,
-        vocab_major=(device.type == "cpu") if vocab_major is None else bool(vocab_major),
+        impl=impl,
+        vocab_major=impl == "torch"
+        and ((device.type == "cpu") if options.vocab_major is None else options.vocab_major),
+        epilogue=epilogue,
     )
-    out_dtype = acc_dtype
 
     if reduction == "none":
         if any_grad:
@@ -692,22 +552,26 @@ def _torch_impl(
                 ce_c, arg_c, _, _, _ = _head_pass(h_c.detach(), weight.detach(), _detach(bias), t_c, None, cfg)
         per_tok = w_c * ce_c
         loss = per_tok.new_zeros(n_tokens).index_copy(0, idx, per_tok) if compact else per_tok
-        loss = loss.to(out_dtype)
     else:
         if normalizer is None:
             denom = w_c.sum() if reduction == "mean" else None
         elif isinstance(normalizer, torch.Tensor):
             denom = normalizer.detach().reshape(()).to(device=device, dtype=acc_dtype)
         else:
-            denom = torch.tensor(float(normalizer), dtype=acc_dtype, device=device)
-        coef = w_c if denom is None else torch.where(denom != 0, w_c / denom, torch.zeros_like(w_c))
+            denom = float(normalizer)  # a kernel argument: no host-to-device copy (which would sync)
+        if denom is None:
+            coef = w_c
+        elif isinstance(denom, float):
+            coef = w_c / denom if denom != 0 else torch.zeros_like(w_c)
+        else:
+            coef = torch.where(denom != 0, w_c / denom, torch.zeros_like(w_c))
         if any_grad:
             loss, ce_c, arg_c = _ReducedHead.apply(h_c, weight, bias, t_c, coef, cfg, need_gh, need_gw, need_gb)
         else:
             with torch.autocast(device.type, enabled=False):
                 ce_c, arg_c, _, _, _ = _head_pass(h_c.detach(), weight.detach(), _detach(bias), t_c, None, cfg)
                 loss = torch.dot(coef, ce_c)
-        loss = loss.to(out_dtype)
+    loss = loss.to(acc_dtype)
 
     if not return_token_stats:
         return loss
@@ -722,8 +586,3 @@ def _torch_impl(
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
-
-
-IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor | tuple[torch.Tensor, TokenStats]]] = {"torch": _torch_impl}
-"""``impl`` name -> implementation of :func:`weighted_linear_cross_entropy` (same positional and keyword
-arguments, less ``impl``). The seam for a compiled/Triton path, as cut-cross-entropy's ``impl=``."""
