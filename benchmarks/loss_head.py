@@ -4,18 +4,33 @@
 Every method gets the same tensors (hidden ``[N, H]``, head weight ``[V, H]``, targets, per-token weights) and
 computes the same loss, ``sum(w * ce) / sum(w)``, then its gradients for hidden and weight:
 
-- ``ours``: ``trl_plw.ops.weighted_linear_cross_entropy`` (gradients in the forward, 3 matmuls).
+- ``ours``: ``trl_plw.ops.weighted_linear_cross_entropy`` with the device's default tile loop (the fused epilogue,
+  Triton, on CUDA; the eager loop on CPU); gradients formed in the forward, 3 matmuls.
+- ``ours_stats``: the same with ``return_token_stats=True`` (the trainer's setting: per-token ce and argmax).
+- ``ours_eager``: ``impl="torch"``, the eager fp32-tile loop (on CPU the same as ``ours``; on CUDA the path before the
+  fused epilogue).
+- ``floor``: ``F.linear`` forward + backward on the same tensors with a given ``[N, V]`` gradient: the three GEMMs of
+  any fwd+bwd, at their real shapes (the logits, ``grad_h = G @ W``, ``grad_W = G.T @ h``) and nothing else.
 - ``full_lce``: ``F.linear_cross_entropy(..., reduction="none", options=None)`` (full logits), weighted.
 - ``hf_ce``: HF-style ``F.cross_entropy(F.linear(h, W).float(), reduction="none")``, weighted.
 - ``torch_chunked``: ``F.linear_cross_entropy(..., reduction="none", options=torch.nn.LinearCrossEntropyOptions())``
   (chunked; per-token loss, so its backward recomputes the logits), weighted.
 - ``trl_head``: TRL's ``trl.kernels.chunked_logprob.ChunkedLogProbFunction`` (log-probs, recomputed in backward),
   weighted, called the way TRL's fused head calls it on this device.
-- GPU only: Liger ``LigerFusedLinearCrossEntropyLoss(reduction="none")`` and cut-cross-entropy, when importable.
-- ``matmul``: the bare forward ``hidden @ weight.T``; three of them are the floor for any fwd+bwd.
+- GPU only, when importable: Liger ``LigerFusedLinearCrossEntropyLoss`` with ``reduction="none"`` x weights
+  (``liger``) and with ``reduction="mean"`` (``liger_mean``: its published setting, an unweighted mean, so a different
+  loss); cut-cross-entropy likewise (``cce``, ``cce_mean``).
+- ``matmul``: the bare forward ``hidden @ weight.T``; three of them were the floor before ``floor``, kept so CPU
+  results compare with earlier runs.
 
-Timing: median over ``--reps`` interleaved repetitions (method order rotated every repetition, so background load
-hits all methods alike); one warm-up run per method is excluded. Memory: peak extra bytes allocated during one
+Each method runs on its own: an exception or out-of-memory error is recorded against that method and the others
+go on (``torch.cuda.empty_cache()`` between methods), and with ``--jsonl`` every record is appended as it is made
+(a "start" line before each method, its result or error after), so a run that is killed or crashes keeps everything
+measured before (`benchmarks/gpu_check.py` restarts a crashed shape without the method that was running).
+
+Timing: median over ``--reps`` repetitions after one warm-up run per method. On CPU the repetitions are interleaved
+(method order rotated every repetition, so background load hits all methods alike); on CUDA each method is timed
+right after its warm-up, so its record is complete before the next method starts. Memory: peak extra bytes allocated during one
 fwd+bwd (includes the gradient tensors themselves). On CUDA ``torch.cuda.max_memory_allocated``; on CPU the
 ``torch.profiler`` allocation events of PyTorch's CPU allocator (``total_allocated`` high-water mark during the run;
 buffers that MKL/oneDNN allocate internally are not seen).
@@ -45,7 +60,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 from trl_plw.experiments.benchmarking.common import MiB, cpu_model, device_name, format_loadavg, sync, write_json  # noqa: E402
-from trl_plw.ops import weighted_linear_cross_entropy  # noqa: E402
+from trl_plw.ops import KernelOptions, weighted_linear_cross_entropy  # noqa: E402
 
 SHAPES = {  # name: (hidden size, vocab size)
     "smollm2": (576, 49152),
@@ -94,6 +109,23 @@ def m_ours(h, W, t, w, denom):
     return weighted_linear_cross_entropy(h, W, t, w)
 
 
+def m_ours_stats(h, W, t, w, denom):
+    return weighted_linear_cross_entropy(h, W, t, w, return_token_stats=True)[0]
+
+
+def m_ours_eager(h, W, t, w, denom):
+    return weighted_linear_cross_entropy(h, W, t, w, options=KernelOptions(impl="torch"))
+
+
+_FLOOR_GRAD: dict[str, torch.Tensor] = {}
+"""The ``[N, V]`` logits gradient the floor's backward takes (made once per case, outside the timings)."""
+
+
+def m_floor(h, W, t, w, denom):
+    logits = F.linear(h, W)
+    return logits, _FLOOR_GRAD["grad"]  # run_once runs logits.backward(grad)
+
+
 def m_full_lce(h, W, t, w, denom):
     return _weighted(F.linear_cross_entropy(h, W, t, reduction="none", options=None), w, denom)
 
@@ -127,41 +159,77 @@ def m_liger(h, W, t, w, denom):
     return _weighted(LigerFusedLinearCrossEntropyLoss(reduction="none")(W, h, t), w, denom)
 
 
+def m_liger_mean(h, W, t, w, denom):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(reduction="mean")(W, h, t)
+
+
 def m_cce(h, W, t, w, denom):
     from cut_cross_entropy import linear_cross_entropy
 
     return _weighted(linear_cross_entropy(h, W, t, reduction="none"), w, denom)
 
 
+def m_cce_mean(h, W, t, w, denom):
+    from cut_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(h, W, t, reduction="mean")
+
+
 def m_matmul(h, W, t, w, denom):
     return h.detach() @ W.detach().T
 
 
+def m_fake_error(h, W, t, w, denom):
+    raise RuntimeError("injected failure (--inject-failures): this method always raises")
+
+
+def m_fake_crash(h, W, t, w, denom):
+    sys.stdout.flush()
+    os._exit(139)  # what a segfault or a CUDA illegal-memory-access abort looks like from outside
+
+
+INJECTED = {"fake_error": m_fake_error, "fake_crash": m_fake_crash}
+"""Methods that fail on purpose, added by ``--inject-failures`` only: the dry run of benchmarks/gpu_check.py uses them
+to prove that one method's exception or crash does not cost the other methods' records."""
+
+
 METHODS: dict[str, Callable] = {
     "ours": m_ours,
+    "floor": m_floor,
+    "ours_stats": m_ours_stats,
+    "ours_eager": m_ours_eager,
     "full_lce": m_full_lce,
     "hf_ce": m_hf_ce,
     "torch_chunked": m_torch_chunked,
     "trl_head": m_trl_head,
     "liger": m_liger,
+    "liger_mean": m_liger_mean,
     "cce": m_cce,
+    "cce_mean": m_cce_mean,
     "matmul": m_matmul,
 }
+"""In run order: ours and the floor first, so that a later method's failure cannot cost their figures."""
+OTHER_LOSS = {"liger_mean", "cce_mean"}
+"""Methods that compute a different loss (an unweighted mean): left out of the consistency check."""
+GPU_ONLY = {"liger": "liger_kernel.transformers", "liger_mean": "liger_kernel.transformers",
+            "cce": "cut_cross_entropy", "cce_mean": "cut_cross_entropy"}  # fmt: skip
 
 
 def available_methods(device: torch.device) -> tuple[list[str], dict[str, str]]:
     names, skipped = [], {}
     for name in METHODS:
-        if name in ("liger", "cce"):
+        if name in GPU_ONLY:
             if device.type != "cuda":
                 skipped[name] = "GPU only"
                 continue
             try:
-                __import__("liger_kernel.transformers" if name == "liger" else "cut_cross_entropy")
+                __import__(GPU_ONLY[name])
             except Exception as e:  # noqa: BLE001
                 skipped[name] = f"not importable ({type(e).__name__})"
                 continue
-            if name == "liger" and _liger_too_old():
+            if name.startswith("liger") and _liger_too_old():
                 skipped[name] = f"liger-kernel {_liger_too_old()} < 0.8.2 (wrong per-token gradients)"
                 continue
         if name in ("full_lce", "torch_chunked") and not hasattr(F, "linear_cross_entropy"):
@@ -213,9 +281,15 @@ def make_case(hdim, vocab, n, dtype, device, plw0, seed=0):
 
 
 def run_once(fn, h, W, t, w, denom):
+    """One forward (+ backward where there is a graph). A method may return ``(output, grad)`` to have its backward
+    run with that gradient (the floor); its output is then not a loss."""
     h.grad = None
     W.grad = None
     out = fn(h, W, t, w, denom)
+    if isinstance(out, tuple):
+        out, grad = out
+        out.backward(grad)
+        return out.detach().float().mean().fill_(float("nan"))  # not a loss: nothing to compare
     if out.requires_grad:
         out.backward()
     return out
@@ -270,7 +344,7 @@ def peak_extra_bytes(fn, args, device) -> tuple[int, float | None, tuple | None]
 
     def run_and_record():
         out = run_once(fn, *args)
-        if not out.requires_grad:
+        if h.grad is None or W.grad is None or out.isnan().item():
             return None, None
         return float(out.detach().float()), (float(h.grad.float().norm()), float(W.grad.float().norm()))
 
@@ -319,25 +393,59 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def bench_case(label, hdim, vocab, n, dtype, device, methods, reps, plw0, max_other=1.0, retries=0):
+def _release(device) -> None:
+    """Free what a method left behind before the next one is measured (its memory baseline and its time)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def bench_case(
+    label, hdim, vocab, n, dtype, device, methods, reps, plw0, max_other=1.0, retries=0, record=None, sequential=None
+):
+    """Time and measure each method on one shape; a method that raises is recorded and skipped, not fatal.
+
+    ``record(dict)``, when given, receives a ``{"event": "start"}`` line before each method and its result or error
+    right after. ``sequential`` (default: on CUDA) times each method right after its warm-up, so its record is
+    written before the next method starts; otherwise the timings are interleaved rounds after all warm-ups (CPU).
+    """
+    record = record or (lambda _line: None)
     args = make_case(hdim, vocab, n, dtype, device, plw0)
     h, W = args[0], args[1]
     result = {"case": label, "H": hdim, "V": vocab, "N": n, "dtype": str(dtype).replace("torch.", ""), "plw0": plw0}
     result["weighted_tokens"] = int((args[3] != 0).sum())
-    losses, grad_norms, mem, times = {}, {}, {}, {m: [] for m in methods}
+    head = {k: result[k] for k in ("case", "H", "V", "N", "dtype", "plw0")}
+    record({**head, "event": "plan", "methods": list(methods)})
+    if "floor" in methods:
+        _FLOOR_GRAD["grad"] = torch.randn(n, vocab, dtype=dtype, device=device) * 1e-3
+    losses, grad_norms, mem, times, errors = {}, {}, {}, {m: [] for m in methods}, {}
     contention = {"discarded": 0, "kept_contended": 0}
-    for m in methods:  # warm-up + memory + the loss/gradients used for the consistency check
-        mem[m], loss, norms = peak_extra_bytes(METHODS[m], args, device)
-        if loss is not None:
-            losses[m], grad_norms[m] = loss, norms
-        gc.collect()
-    for r in range(reps):
-        order = methods[r % len(methods) :] + methods[: r % len(methods)]
-        for m in order:
-            times[m].append(timed(METHODS[m], args, device, max_other, retries, contention))
+    sequential = device.type == "cuda" if sequential is None else sequential
+
+    def measure(m, warmup):
+        try:
+            if warmup:  # warm-up + memory + the loss/gradients used for the consistency check
+                mem[m], loss, norms = peak_extra_bytes(METHODS[m], args, device)
+                if loss is not None:
+                    losses[m], grad_norms[m] = loss, norms
+            if sequential or not warmup:
+                for _ in range(reps if sequential else 1):
+                    times[m].append(timed(METHODS[m], args, device, max_other, retries, contention))
+                    h.grad = W.grad = None
+        except Exception as e:  # noqa: BLE001 - one method's failure (OOM, missing kernel) must not cost the others
+            errors[m] = _error_text(e)
             h.grad = W.grad = None
-    result["methods"] = {
-        m: {
+            record({**head, "method": m, "event": "error", "error": errors[m]})
+        finally:
+            _release(device)
+
+    def method_record(m):
+        return {
             "time_s": statistics.median(times[m]),
             "times_s": times[m],
             "peak_extra_mib": mem[m] / MiB,
@@ -345,16 +453,62 @@ def bench_case(label, hdim, vocab, n, dtype, device, methods, reps, plw0, max_ot
             "grad_norm_hidden": grad_norms.get(m, (None, None))[0],
             "grad_norm_weight": grad_norms.get(m, (None, None))[1],
         }
-        for m in methods
-    }
+
+    for m in methods:
+        record({**head, "method": m, "event": "start"})
+        measure(m, warmup=True)
+        if sequential and m not in errors:
+            record({**head, "method": m, "event": "result", **method_record(m)})
+    if not sequential:
+        for r in range(reps):
+            ok = [m for m in methods if m not in errors]
+            for m in ok[r % max(len(ok), 1) :] + ok[: r % max(len(ok), 1)]:
+                measure(m, warmup=False)
+        for m in methods:
+            if m not in errors:
+                record({**head, "method": m, "event": "result", **method_record(m)})
+    _FLOOR_GRAD.clear()
+    result["methods"] = {m: method_record(m) for m in methods if m not in errors}
+    result["errors"] = errors
     result["contention"] = contention
-    ref = losses["ours"]
-    result["max_loss_rel_diff_vs_ours"] = max(abs(v - ref) / abs(ref) for v in losses.values())
-    ref_g = grad_norms["ours"]
-    result["max_grad_norm_rel_diff_vs_ours"] = max(
-        abs(g[i] - ref_g[i]) / max(ref_g[i], 1e-30) for g in grad_norms.values() for i in (0, 1)
-    )
+    result.update(consistency(result["methods"]))
     return result
+
+
+def consistency(methods: dict) -> dict:
+    """Largest relative difference of loss and gradient norms from ``ours`` over the methods that compute the same
+    loss (empty when ``ours`` has no record)."""
+    same = {m: v for m, v in methods.items() if m not in OTHER_LOSS and v.get("loss") is not None}
+    if "ours" not in same:
+        return {}
+    ref = same["ours"]
+    norms = ("grad_norm_hidden", "grad_norm_weight")
+    return {
+        "max_loss_rel_diff_vs_ours": max(abs(v["loss"] - ref["loss"]) / abs(ref["loss"]) for v in same.values()),
+        "max_grad_norm_rel_diff_vs_ours": max(
+            abs(v[k] - ref[k]) / max(ref[k], 1e-30) for v in same.values() for k in norms
+        ),
+    }
+
+
+def results_from_jsonl(lines: list[dict]) -> list[dict]:
+    """Rebuild per-case results from `bench_case`'s records (in order; several runs of one case merge), so a run that
+    crashed or was killed still yields every method measured before it stopped."""
+    cases: dict[str, dict] = {}
+    for line in lines:
+        case = cases.setdefault(
+            line["case"],
+            {k: line[k] for k in ("case", "H", "V", "N", "dtype") if k in line}
+            | {"plw0": line.get("plw0", False), "methods": {}, "errors": {}, "contention": {}},
+        )
+        if line.get("event") == "result":
+            keys = ("time_s", "times_s", "peak_extra_mib", "loss", "grad_norm_hidden", "grad_norm_weight")
+            case["methods"][line["method"]] = {k: line.get(k) for k in keys}
+        elif line.get("event") == "error":
+            case["errors"][line["method"]] = line["error"]
+    for case in cases.values():
+        case.update(consistency(case["methods"]))
+    return list(cases.values())
 
 
 def ratios(res):
@@ -362,6 +516,14 @@ def ratios(res):
     t = {m: v["time_s"] for m, v in ms.items()}
     mem = {m: v["peak_extra_mib"] for m, v in ms.items()}
     out = {}
+    if "ours" not in t:
+        return out
+    if "floor" in t:
+        out["ours_vs_floor"] = t["ours"] / t["floor"]
+        if "ours_stats" in t:
+            out["ours_stats_vs_floor"] = t["ours_stats"] / t["floor"]
+        if "ours_eager" in t:
+            out["ours_eager_vs_floor"] = t["ours_eager"] / t["floor"]
     if "matmul" in t:
         out["ours_vs_3x_matmul"] = t["ours"] / (3 * t["matmul"])
     full = [t[m] for m in ("full_lce", "hf_ce") if m in t]
@@ -375,12 +537,21 @@ def ratios(res):
     return out
 
 
+METHOD_LABELS = {
+    "matmul": "matmul (`h @ W.T`, fwd only)",
+    "floor": "floor (`F.linear` fwd+bwd: 3 GEMMs)",
+    "liger_mean": "liger_mean (unweighted mean)",
+    "cce_mean": "cce_mean (unweighted mean)",
+}
+
+
 def markdown(results, env) -> str:
     lines = [
-        f"Device: {env['device']} | torch {env['torch']} | trl {env['trl']} | threads {env['threads']} | "
+        f"Device: {env['device']} | torch {env['torch']} | trl {env.get('trl')} | threads {env['threads']} | "
         f"{env['date']} | load avg before/after: {env['loadavg_before']} / {env['loadavg_after']}",
         "",
-        f"Time: median of {env['reps']} interleaved fwd+bwd runs after one warm-up"
+        f"Time: median of {env['reps']} fwd+bwd runs after one warm-up"
+        + (" (interleaved across methods)" if env["device"].startswith("CPU") else "")
         + (
             f"; CPU samples during which other processes used > {env['max_other_load']:.0%} of the machine's CPU "
             "time are discarded and retried"
@@ -400,14 +571,20 @@ def markdown(results, env) -> str:
         lines += [f"**{title})**", ""]
         lines.append("| method | fwd+bwd (s, median) | vs ours | peak extra (MiB) | loss |")
         lines.append("|---|---:|---:|---:|---:|")
-        t_ours = res["methods"]["ours"]["time_s"]
+        t_ours = res["methods"].get("ours", {}).get("time_s")
         for m, v in res["methods"].items():
             loss = "" if v["loss"] is None else f"{v['loss']:.6f}"
-            label = "matmul (`h @ W.T`, fwd only)" if m == "matmul" else m
-            lines.append(
-                f"| {label} | {v['time_s']:.3f} | {v['time_s'] / t_ours:.2f}x | {v['peak_extra_mib']:.0f} | {loss} |"
-            )
+            label = METHOD_LABELS.get(m, m)
+            vs = f"{v['time_s'] / t_ours:.2f}x" if t_ours else "n/a"
+            lines.append(f"| {label} | {v['time_s']:.4f} | {vs} | {v['peak_extra_mib']:.0f} | {loss} |")
+        for m, err in res.get("errors", {}).items():
+            lines.append(f"| {METHOD_LABELS.get(m, m)} | error: {err} | | | |")
         parts = []
+        if "ours_vs_floor" in r:
+            parts.append(f"ours / floor = **{r['ours_vs_floor']:.3f}**")
+        for key, name in (("ours_stats_vs_floor", "ours with stats"), ("ours_eager_vs_floor", "eager loop")):
+            if key in r:
+                parts.append(f"{name} / floor = {r[key]:.3f}")
         if "ours_vs_3x_matmul" in r:
             parts.append(f"ours / 3x matmul = **{r['ours_vs_3x_matmul']:.3f}**")
         if "ours_vs_full_logits" in r:
@@ -418,12 +595,13 @@ def markdown(results, env) -> str:
             parts.append(f"speedup vs TRL head = **{r['trl_head_speedup']:.2f}x**")
         if "mem_vs_torch_chunked" in r:
             parts.append(f"peak mem ours / torch chunked = **{r['mem_vs_torch_chunked']:.2f}**")
-        parts.append(
-            f"max rel. diff vs ours: loss {res['max_loss_rel_diff_vs_ours']:.1e}, "
-            f"grad norms {res['max_grad_norm_rel_diff_vs_ours']:.1e}"
-        )
-        c = res["contention"]
-        if c["discarded"] or c["kept_contended"]:
+        if "max_loss_rel_diff_vs_ours" in res:
+            parts.append(
+                f"max rel. diff vs ours: loss {res['max_loss_rel_diff_vs_ours']:.1e}, "
+                f"grad norms {res['max_grad_norm_rel_diff_vs_ours']:.1e}"
+            )
+        c = res.get("contention", {})
+        if c.get("discarded") or c.get("kept_contended"):
             parts.append(f"contended samples discarded: {c['discarded']}, kept: {c['kept_contended']}")
         lines += ["", "; ".join(parts), ""]
     if env["skipped"]:
@@ -452,6 +630,15 @@ def main(argv=None):
                    "fraction of the machine's CPU time; 1 disables")  # fmt: skip
     p.add_argument("--retries", type=int, default=30, help="retries per contended sample (10 s apart)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--jsonl", default=None, help="append one JSON line per method start/result/error here")
+    p.add_argument("--inject-failures", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--order",
+        choices=["auto", "sequential", "interleaved"],
+        default="auto",
+        help="sequential: time each method right after its warm-up (records complete one by one; CUDA's default); "
+        "interleaved: rotate methods across repetitions (CPU's default, fair under background load)",
+    )
     p.add_argument("--render", default=None, help="only print the markdown table of a saved --out JSON")
     args = p.parse_args(argv)
     if args.render:
@@ -482,21 +669,21 @@ def main(argv=None):
     for s in shapes + ([plw0_shape] if plw0_shape else []):
         if s not in SHAPES:
             p.error(f"unknown shape {s!r}; choose from {sorted(SHAPES)}")
+    if args.inject_failures:
+        METHODS.update(INJECTED)
     methods, skipped = available_methods(device)
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",")]
-        methods = [m for m in methods if m in wanted]
-        if "ours" not in methods:
-            methods.insert(0, "ours")
+        methods = [m for m in wanted if m in methods]  # in the order given; a resumed run may leave out ours
     default_n = DEFAULT_TOKENS_GPU if device.type == "cuda" else DEFAULT_TOKENS_CPU
 
-    import trl
+    from trl_plw.experiments.benchmarking.common import package_versions
 
     env = {
         "device": device_name(device),
         "cpu_model": cpu_model() or "",
         "torch": torch.__version__,
-        "trl": trl.__version__,
+        "trl": package_versions(["trl"])["trl"],
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
@@ -519,8 +706,11 @@ def main(argv=None):
         label = f"{shape}{' PLW=0' if plw0 else ''}"
         print(f"[{time.strftime('%H:%M:%S')}] {label}: H={hdim} V={vocab} N={n} ...", file=sys.stderr, flush=True)
         results.append(
-            bench_case(label, hdim, vocab, n, dtype, device, methods, reps, plw0, args.max_other_load, args.retries)
-        )
+            bench_case(
+                label, hdim, vocab, n, dtype, device, methods, reps, plw0, args.max_other_load, args.retries,
+                record=_jsonl_writer(args.jsonl), sequential=None if args.order == "auto" else args.order == "sequential",
+            )
+        )  # fmt: skip
         gc.collect()
         if args.out:  # partial results survive an interrupted run
             _write_json(args.out, env, results)
@@ -529,6 +719,18 @@ def main(argv=None):
     print(table)
     if args.out:
         _write_json(args.out, env, results)
+
+
+def _jsonl_writer(path):
+    """A ``record`` callback appending one flushed JSON line per call to ``path`` (None: records nothing)."""
+    if path is None:
+        return None
+
+    def record(line):
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    return record
 
 
 def _write_json(path, env, results):

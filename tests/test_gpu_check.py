@@ -24,7 +24,7 @@ import loss_head  # noqa: E402
 def test_dry_run_writes_the_plan_and_no_numbers(tmp_path):
     out, wheels = tmp_path / "out", tmp_path / "wheels"
     wheels.mkdir()
-    assert gpu_check.main(["--dry-run", "--out", str(out), "--wheels", str(wheels)]) == 0
+    assert gpu_check.main(["--dry-run", "--no-isolation-check", "--out", str(out), "--wheels", str(wheels)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md"]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["dry_run"] is True
@@ -47,10 +47,31 @@ def test_dry_run_writes_the_plan_and_no_numbers(tmp_path):
     assert plan["install"]["command"][plan["install"]["command"].index("--find-links") + 1] == str(wheels)
     assert "--no-index" in plan["install"]["command"]
     assert any(f.endswith("test_attention.py") for f in plan["pytest"]["command"])
+    assert any(f.endswith("test_kernel_gpu.py") for f in plan["pytest"]["command"])
+    assert plan["epilogue"]["command"][1].endswith("epilogue.py")
 
     md = (out / "gpu_check.md").read_text()
     assert "DRY RUN" in md and "h2048-v248k: H=2048, V=248320, N=16384" in md
     assert "fwd+bwd (s" not in md and "tokens/s" not in md  # no result tables
+
+
+def test_dry_run_isolation_keeps_every_other_methods_record(tmp_path):
+    """The dry run drives the loss-head step on CPU through the same code as on a GPU, with one method that raises and
+    one that kills its process: the shape is restarted without the crashed method, and every other method keeps its
+    record (the JSON lines written as they were made), while the markdown still holds no timings."""
+    out = tmp_path / "out"
+    assert gpu_check.main(["--dry-run", "--out", str(out)]) == 0
+    report = json.loads((out / "gpu_check.json").read_text())
+    iso = report["steps"]["loss_head"]["isolation"]
+    assert iso["recorded"] == ["floor", "matmul", "ours"]
+    assert set(iso["failed"]) == {"fake_error", "fake_crash"}
+    assert "injected failure" in iso["failed"]["fake_error"] and "exited with 139" in iso["failed"]["fake_crash"]
+    assert report["steps"]["loss_head"]["shapes"]["tiny"]["runs"] == 2  # the crash forced one restart
+    lines = [json.loads(x) for x in (out / "loss_head.jsonl").read_text().splitlines()]
+    results = [(x["method"]) for x in lines if x.get("event") == "result"]
+    assert results.count("ours") == 1 and results.count("floor") == 1  # recorded before the crash, not measured again
+    md = (out / "gpu_check.md").read_text()
+    assert "DRY RUN" in md and "recorded: floor, matmul, ours" in md and "fwd+bwd (s" not in md
 
 
 def test_arguments(tmp_path):
@@ -97,7 +118,7 @@ def test_step_runners_on_cpu(tmp_path):
         "cases": [{"shape": "tiny"}, {"shape": "h2048-v248k"}],
         "commands": [
             [py, script, "--device", "cpu", "--shapes", "tiny", "--plw0-shape", "none", "--reps", "1"]
-            + ["--max-other-load", "1", "--methods", "ours,full_lce", "--out", "<tmp>/tiny.json"],
+            + ["--max-other-load", "1", "--methods", "ours,full_lce", "--jsonl", str(out / "loss_head.jsonl")],
             [py, "-c", "raise SystemExit(3)"],  # a shape whose run fails: noted, the others kept
         ],
         "budget_per_shape_s": 120,
