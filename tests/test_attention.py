@@ -676,7 +676,11 @@ def _gpu_compare(model, docs):
 
     def check(what, got, ref_bf16, ref_fp32, floor):
         err, ref_err = _rel_err(got, ref_fp32), _rel_err(ref_bf16, ref_fp32)
-        assert err <= max(2 * ref_err, floor), (
+        if not math.isfinite(ref_err):
+            # Padded bf16 sdpa is no yardstick here: on an H200 (torch 2.11) its sliding-window run gave a NaN
+            # embedding gradient (rows of padding whose window holds no key). The bound falls back to the floor.
+            ref_err = 0.0
+        assert math.isfinite(err) and err <= max(2 * ref_err, floor), (
             f"{what}: plw_varlen err {err:.2e} vs padded sdpa bf16 err {ref_err:.2e}"
         )
 
