@@ -25,6 +25,7 @@ together with the value checks, is the one host read of a call (on CPU the eager
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -154,6 +155,14 @@ contract of `_head_pass`). Input checks, compaction, normalization and autograd 
 # ---------------------------------------------------------------------------------------------- autograd glue
 
 
+def _autocast_off(device_type: str):
+    """Autocast off for the tile loop (its matmul dtype is chosen once, up front). Devices without autocast (``meta``,
+    which benchmarks/roofline.py traces on) need nothing switched off."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _scale_grad(g: torch.Tensor | None, grad_out: torch.Tensor, dtype: torch.dtype, cfg: _HeadConfig):
     """``g * grad_out`` in ``dtype``, in one pass (the multiply and the cast share a kernel)."""
     if g is None:
@@ -173,7 +182,7 @@ class _ReducedHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, targets, coef, cfg, need_gh, need_gw, need_gb):
-        with torch.autocast(h.device.type, enabled=False):
+        with _autocast_off(h.device.type):
             ce, is_argmax, gh, gw, gb = _head_pass(h, w, b, targets, coef, cfg, need_gh, need_gw, need_gb)
             loss = torch.dot(coef.to(ce.dtype), ce)
         ctx.save_for_backward(h, w, b, targets, coef)
@@ -194,7 +203,7 @@ class _ReducedHead(torch.autograd.Function):
         if grads is None:
             # A second backward through a retained graph: the stored gradients were handed out (and possibly
             # modified) by the first one, so recompute them from the saved inputs.
-            with torch.autocast(h.device.type, enabled=False):
+            with _autocast_off(h.device.type):
                 _, _, gh, gw, gb = _head_pass(h, w, b, targets, coef, ctx.cfg, *ctx.needs)
             grads = (gh, gw, gb)
         h_dtype, w_dtype, b_dtype = ctx.dtypes
@@ -217,7 +226,7 @@ class _PerTokenHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, targets, cfg, need_gh, need_gw, need_gb):
-        with torch.autocast(h.device.type, enabled=False):
+        with _autocast_off(h.device.type):
             ce, is_argmax, _, _, _ = _head_pass(h, w, b, targets, None, cfg)
         ctx.save_for_backward(h, w, b, targets)
         ctx.cfg = cfg
@@ -235,7 +244,7 @@ class _PerTokenHead(torch.autograd.Function):
         cfg = ctx.cfg
         if cfg.want_argmax:
             cfg = dataclasses.replace(cfg, want_argmax=False)
-        with torch.autocast(h.device.type, enabled=False):
+        with _autocast_off(h.device.type):
             _, _, gh, gw, gb = _head_pass(h, w, b, targets, grad_ce, cfg, *ctx.needs)
         h_dtype, w_dtype, b_dtype = ctx.dtypes
         return (
@@ -484,7 +493,7 @@ def weighted_linear_cross_entropy(
     impl, epilogue = _pick_impl(options, device)
 
     # dtypes
-    autocast = torch.is_autocast_enabled(device.type)
+    autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
     if autocast and hidden.dtype in _AUTOCAST_ELIGIBLE and weight.dtype in _AUTOCAST_ELIGIBLE:
         compute_dtype = torch.get_autocast_dtype(device.type)
     else:
@@ -548,7 +557,7 @@ def weighted_linear_cross_entropy(
         if any_grad:
             ce_c, arg_c = _PerTokenHead.apply(h_c, weight, bias, t_c, cfg, need_gh, need_gw, need_gb)
         else:
-            with torch.autocast(device.type, enabled=False):
+            with _autocast_off(device.type):
                 ce_c, arg_c, _, _, _ = _head_pass(h_c.detach(), weight.detach(), _detach(bias), t_c, None, cfg)
         per_tok = w_c * ce_c
         loss = per_tok.new_zeros(n_tokens).index_copy(0, idx, per_tok) if compact else per_tok
@@ -568,7 +577,7 @@ def weighted_linear_cross_entropy(
         if any_grad:
             loss, ce_c, arg_c = _ReducedHead.apply(h_c, weight, bias, t_c, coef, cfg, need_gh, need_gw, need_gb)
         else:
-            with torch.autocast(device.type, enabled=False):
+            with _autocast_off(device.type):
                 ce_c, arg_c, _, _, _ = _head_pass(h_c.detach(), weight.detach(), _detach(bias), t_c, None, cfg)
                 loss = torch.dot(coef, ce_c)
     loss = loss.to(acc_dtype)
