@@ -130,20 +130,22 @@ def _gemm_flops(name: str, args, out) -> float:
 class Recorder(TorchDispatchMode):
     """Records each aten op's FLOPs and bytes; answers host reads on meta tensors (which have no values).
 
-    A flat buffer of whole ``V``-rows that the op allocates (``empty([k * V])``) is a tile buffer; traffic on it or on
-    any view of it (the ``[n, V]`` tile, its transpose) is also summed apart, so a test can pin the passes over tiles.
+    A flat buffer of whole ``V``-rows that the op allocates (``empty([k * V])``) is a tile buffer; traffic on any tensor
+    over its storage (the ``[n, V]`` tile, its transpose) is also summed apart, so a test can pin the passes over tiles.
     """
 
     def __init__(self, vocab: int, reads: dict[str, int]):
         super().__init__()
         self.trace = Trace()
         self.vocab = vocab
-        self.buffers: set[int] = set()  # TensorImpl addresses (a mode's outputs reach the caller in new wrappers)
+        # storage addresses (the caller may see an output in another TensorImpl, never with another storage); the
+        # tensors are kept alive so that no later allocation can reuse an address
+        self.buffers: set[int] = set()
+        self._alive: list[torch.Tensor] = []
         self.reads = reads
 
     def is_tile(self, t: torch.Tensor) -> bool:
-        root = t._base if t._base is not None else t
-        return root._cdata in self.buffers
+        return t.untyped_storage()._cdata in self.buffers
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -152,7 +154,8 @@ class Recorder(TorchDispatchMode):
             return False if args[0].dtype == torch.bool else self.reads["scalar"]  # no underflow; N tokens scored
         out = func(*args, **kwargs)
         if name == "empty" and out.dim() == 1 and out.numel() > self.vocab and out.numel() % self.vocab == 0:
-            self.buffers.add(out._cdata)
+            self.buffers.add(out.untyped_storage()._cdata)
+            self._alive.append(out)
         if name in _VIEWS:
             return out
         inputs = list(_tensors(args)) + list(_tensors(kwargs))
