@@ -163,18 +163,23 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def _scale_grad(g: torch.Tensor | None, grad_out: torch.Tensor, dtype: torch.dtype, cfg: _HeadConfig):
-    """``g * grad_out`` in ``dtype``, in one pass (the multiply and the cast share a kernel)."""
+def _scale_grad(g: torch.Tensor | None, grad_out: torch.Tensor, dtype: torch.dtype, unit: bool):
+    """``g * grad_out`` in ``dtype``, in one pass (the multiply and the cast share a kernel); ``unit``: grad_out is
+    known to be 1, so only the cast (if any) remains."""
     if g is None:
         return None
-    # The eager loop on CPU reads grad_out, which is free there, and skips a pass over grad_W when it is 1. The
-    # fused loop never reads it: on a GPU that read would be a host sync.
-    if cfg.impl == "torch" and grad_out.device.type == "cpu" and g.dtype == dtype and float(grad_out) == 1.0:
-        return g
+    if unit:
+        return g if g.dtype == dtype else g.to(dtype)
     scale = grad_out.to(g.dtype)
     if g.dtype == dtype:
         return g.mul_(scale)
     return torch.mul(g, scale, out=torch.empty_like(g, dtype=dtype))
+
+
+def _is_unit(grad_out: torch.Tensor, cfg: _HeadConfig) -> bool:
+    """Whether the incoming gradient is 1, where asking costs nothing: the eager loop on CPU reads it once per backward
+    and skips a pass over grad_W when it is. The fused loop never reads it (on a GPU the read would be a host sync)."""
+    return cfg.impl == "torch" and grad_out.device.type == "cpu" and float(grad_out) == 1.0
 
 
 class _ReducedHead(torch.autograd.Function):
@@ -208,10 +213,11 @@ class _ReducedHead(torch.autograd.Function):
             grads = (gh, gw, gb)
         h_dtype, w_dtype, b_dtype = ctx.dtypes
         gh, gw, gb = grads
+        unit = _is_unit(grad_loss, ctx.cfg)
         return (
-            _scale_grad(gh, grad_loss, h_dtype, ctx.cfg),
-            _scale_grad(gw, grad_loss, w_dtype, ctx.cfg),
-            _scale_grad(gb, grad_loss, b_dtype, ctx.cfg) if b_dtype is not None else None,
+            _scale_grad(gh, grad_loss, h_dtype, unit),
+            _scale_grad(gw, grad_loss, w_dtype, unit),
+            _scale_grad(gb, grad_loss, b_dtype, unit) if b_dtype is not None else None,
             None,
             None,
             None,
