@@ -47,6 +47,29 @@ def test_triton_epilogue_runs_every_kernel_test():
     assert passed and int(passed.group(1)) >= 70 and "failed" not in proc.stdout, tail
 
 
+def _ast_source(fn, signature, constants):
+    """Triton's ahead-of-time source, told (as the JIT infers for every torch allocation) that the pointers are 16-byte
+    aligned. Triton >= 3.4 takes ``constexprs=`` and plain attributes; 3.2-3.3 (torch 2.6-2.7) ``constants=`` and an
+    ``AttrsDescriptor``."""
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    pointers = [i for i, ty in enumerate(signature.values()) if ty.startswith("*")]
+    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
+        return ASTSource(
+            fn, signature, constexprs=constants, attrs={(i,): [["tt.divisibility", 16]] for i in pointers}
+        )
+    try:
+        from triton.backends.compiler import AttrsDescriptor
+    except ImportError:  # pragma: no cover - where 3.x kept it
+        from triton.compiler.compiler import AttrsDescriptor
+    attrs = AttrsDescriptor.from_dict(
+        {"arg_properties": {"tt.divisibility": pointers}, "cls": AttrsDescriptor.__name__}
+    )
+    return ASTSource(fn, signature, constants=constants, attrs=attrs)
+
+
 # Every compile-time variant the trainer or a user can reach: dtype of the tile x bias x softcap x gradient x argmax
 _VARIANTS = [
     ("*bf16", True, True, True, True),
@@ -64,7 +87,6 @@ def test_triton_epilogue_compiles_for_the_gpu(arch, variant):
     a GPU: the interpreter does not type-check, the compiler does (loop-carried types, constexpr branches)."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from trl_plw.ops._epilogue_triton import _TL_ACC, _wce_epilogue_kernel, block_config
 
@@ -82,11 +104,9 @@ def test_triton_epilogue_compiles_for_the_gpu(arch, variant):
         "V": vocab, "HAS_BIAS": has_bias, "SOFTCAP": softcap, "WANT_GRAD": want_grad, "WANT_ARGMAX": want_argmax,
         "ACC": _TL_ACC[torch.float32], "BLOCK_V": block,
     }  # fmt: skip
-    # The JIT marks 16-byte-aligned pointers (every torch allocation) as such; the AOT compile is told the same
-    aligned = {(i,): [["tt.divisibility", 16]] for i, ty in enumerate(signature.values()) if ty.startswith("*")}
     try:
         kernel = triton.compile(
-            ASTSource(_wce_epilogue_kernel, signature, constexprs=constants, attrs=aligned),
+            _ast_source(_wce_epilogue_kernel, signature, constants),
             target=GPUTarget("cuda", arch, 32),
             options={"num_warps": warps},
         )
