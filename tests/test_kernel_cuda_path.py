@@ -277,3 +277,25 @@ def test_triton_is_not_imported_on_cpu():
     out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "False"
+
+
+@pytest.mark.parametrize("impl", ["fused", "torch"])
+def test_runs_inside_torch_compile(impl):
+    """A model compiled with ``torch.compile`` (``TrainingArguments(torch_compile=True)``) calls the op from compiled
+    code: dynamo breaks the graph at the op's one host read and runs it eagerly; loss and gradients are unchanged.
+    ``aot_eager`` exercises dynamo and AOTAutograd without inductor's C++ compile."""
+    g = torch.Generator().manual_seed(0)
+    h0, w0 = torch.randn(24, 8, generator=g), torch.randn(50, 8, generator=g)
+    t, tw = torch.randint(0, 50, (24,), generator=g), torch.rand(24, generator=g)
+
+    def step(h, w):
+        return weighted_linear_cross_entropy(torch.tanh(h) * 2, w, t, tw, options=KernelOptions(impl=impl))
+
+    results = []
+    for fn in (step, torch.compile(step, backend="aot_eager")):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = fn(h, w)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
