@@ -28,6 +28,7 @@ themselves when they are given, or select, one of the backends defined here (:fu
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import logging
@@ -238,13 +239,16 @@ def varlen_window_size(is_causal: bool, sliding_window: int | None, max_length_k
     return (int(sliding_window) - 1, 0)
 
 
-def _signature(fn: Callable) -> tuple[set[str], bool]:
+@functools.cache
+def _signature(fn: Callable) -> tuple[frozenset[str], bool]:
+    """The keyword names ``fn`` accepts, read once per kernel function: ``inspect.signature`` costs tens of
+    microseconds, and this is asked on every attention call of every layer."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # builtins without a signature: assume the current API
-        return set(), True
+        return frozenset(), True
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return set(params), var_kw
+    return frozenset(params), var_kw
 
 
 def _call_varlen(

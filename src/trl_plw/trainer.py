@@ -640,7 +640,9 @@ class PLWTrainer(SFTTrainer):
 
         answer_mask = None
         if self._answer_token_ids is not None:
-            answer_mask = torch.isin(input_ids[:, 1:], self._answer_token_ids.to(input_ids.device))
+            if self._answer_token_ids.device != input_ids.device:  # moved once, not copied per micro-batch
+                self._answer_token_ids = self._answer_token_ids.to(input_ids.device)
+            answer_mask = torch.isin(input_ids[:, 1:], self._answer_token_ids)
         scored = outputs.scored
         if mode == "eval" and (kept := self._kept_eval_tokens(inputs, input_ids)) is not None:
             scored = scored & kept[:, 1:].to(scored.device)
