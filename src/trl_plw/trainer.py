@@ -820,8 +820,10 @@ def _as_plw_config(args: Any, model: Any) -> PLWConfig:
     if isinstance(args, TrainingArguments):
         if isinstance(args, SFTConfig):
             logger.info("args is an SFTConfig: converted to a PLWConfig with the default weighting policy.")
-        values = args.to_dict()  # as SFTTrainer converts: enums as their values, the hidden hub_token restored
-        values["hub_token"] = args.hub_token
+        values = args.to_dict()  # as SFTTrainer converts: enums as their values ...
+        for name in values:
+            if name.endswith("_token"):  # ... and the fields to_dict hides (hub_token; SFTConfig's eos/pad_token)
+                values[name] = getattr(args, name)
         return PLWConfig(**values)
     raise TypeError(
         f"`args` must be a PLWConfig (or an SFTConfig/TrainingArguments to convert), got {type(args).__name__}."
