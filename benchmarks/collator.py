@@ -32,9 +32,9 @@ import time
 from typing import Any
 
 import torch
+from _bench_common import write_json
 
 from trl_plw.collator import DataCollatorForWeightedCompletionLM
-from trl_plw.experiments.benchmarking.common import write_json
 from trl_plw.roles import Role
 
 # SmolLM2 (ChatML) ids: <|im_start|>=1, <|im_end|>=2, "user"=4093, "ass"+"istant"=520, 9531, "\n"=198

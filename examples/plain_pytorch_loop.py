@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from _common import PAIRS, parse
 
-from trl_plw import DataCollatorForWeightedCompletionLM, load_model, load_tokenizer, weighted_linear_cross_entropy
+from trl_plw import DataCollatorForWeightedCompletionLM, weighted_linear_cross_entropy
+from trl_plw.experiments.offline_model import load_model, load_tokenizer
 from trl_plw.roles import tokenize_prompt_completion
 
 

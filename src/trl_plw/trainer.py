@@ -307,10 +307,10 @@ class PLWTrainer(SFTTrainer):
         if self.padding_free and self.args.device.type == "cuda" and attention in ("sdpa", "eager"):
             logger.warning(
                 "Packed batches run with attn_implementation=%r, which builds a dense block-diagonal mask; "
-                "'plw_varlen' (torch's varlen flash kernel) or 'flash_attention_2' avoid it: load the model with "
-                "trl_plw.load_model(..., attn_implementation='plw_varlen'), or call "
+                "'plw_varlen' (torch's varlen flash kernel) or 'flash_attention_2' avoid it: call "
                 "trl_plw.attention.register_attention_backends() before from_pretrained(..., "
-                "attn_implementation='plw_varlen').",
+                "attn_implementation='plw_varlen'), or switch a loaded model with "
+                "model.set_attn_implementation('plw_varlen').",
                 attention,
             )
         logger.info(
