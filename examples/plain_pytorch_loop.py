@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model).train()
     collator = DataCollatorForWeightedCompletionLM(
-        tokenizer=tokenizer, prompt_loss_weight=args.prompt_loss_weight, loss_weights_consumer="plain_pytorch_loop"
+        tokenizer=tokenizer, prompt_loss_weight=args.prompt_loss_weight, loss_weights_applied=True
     )
     examples = tokenized_examples(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -632,7 +632,7 @@ def test_collator_template_drives_packed_training(smollm2_tokenizer, tmp_path, s
         processing_class=smollm2_tokenizer,
     )
     assert trainer.args.response_template == RESPONSE and trainer.args.prompt_loss_weight == 0.1
-    assert collator.loss_weights_consumer is None  # the user's object is left as given
+    assert collator.loss_weights_applied is False  # the user's object is left as given
     rows = list(trainer.train_dataset)
     assert len(rows) == 1 and sum(len(r["input_ids"]) for r in rows) > 100
     batch = trainer.data_collator(rows)
@@ -641,9 +641,7 @@ def test_collator_template_drives_packed_training(smollm2_tokenizer, tmp_path, s
 
     texts = [r["text"] + smollm2_tokenizer.eos_token for r in ALPACA_ROWS]
     examples = [smollm2_tokenizer(t)["input_ids"] for t in texts]
-    reference_batch = alpaca_collator(smollm2_tokenizer, prompt_loss_weight=0.1, loss_weights_consumer="test")(
-        examples
-    )
+    reference_batch = alpaca_collator(smollm2_tokenizer, prompt_loss_weight=0.1, loss_weights_applied=True)(examples)
     if strategy == "wrapped":
         # One row without document boundaries (attention spans documents, by design of "wrapped"): the weights are
         # the collator's everywhere except at document starts, which only the unpacked reference masks.

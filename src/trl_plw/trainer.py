@@ -215,7 +215,7 @@ class PLWTrainer(SFTTrainer):
     ``on_missing_template`` apply to every data format, and ``self.args`` is updated to them. A setting counts as
     stated when it differs from its default; when both state it with different values, construction raises naming
     both. The trainer works on a copy of the collator (padding-free when the configuration is, with
-    ``loss_weights_consumer`` set), so the object you passed is left unchanged.
+    ``loss_weights_applied`` set), so the object you passed is left unchanged.
 
     TRL's switches keep their meaning: ``completion_only_loss=True`` and ``assistant_only_loss=True`` require every
     prompt-side weight to be 0 (they raise otherwise); ``assistant_only_loss=True`` needs conversational data, whose
@@ -291,7 +291,7 @@ class PLWTrainer(SFTTrainer):
             # collator is the trainer's own copy, so switching its layout changes no weight and no user object.
             logger.info("The data_collator is switched to padding_free=True (this configuration is padding-free).")
             data_collator.padding_free = True
-        data_collator.loss_weights_consumer = type(self).__name__
+        data_collator.loss_weights_applied = True  # compute_loss applies loss_weights
         self.data_collator = data_collator
 
         add_weighted_lm_head(
