@@ -20,7 +20,7 @@ def _help_of(value: ast.expr | None) -> str | None:
         return None
     for keyword in value.keywords:
         if keyword.arg == "metadata" and isinstance(keyword.value, ast.Dict):
-            for key, item in zip(keyword.value.keys, keyword.value.values):
+            for key, item in zip(keyword.value.keys, keyword.value.values, strict=True):
                 if isinstance(key, ast.Constant) and key.value == "help":
                     try:
                         text = ast.literal_eval(item)
