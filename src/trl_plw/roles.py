@@ -184,7 +184,10 @@ class RoleWeights:
     Args:
         prompt: weight of prompt-side tokens without a more specific role.
         completion: weight of completion (assistant) tokens.
-        system, user, tool, template: per-role overrides of ``prompt`` for chat data.
+        system: override of ``prompt`` for system-message tokens (chat data).
+        user: override of ``prompt`` for user-message tokens.
+        tool: override of ``prompt`` for tool-message tokens.
+        template: override of ``prompt`` for the chat template's own tokens (role headers, end-of-turn markers).
         allow_negative: accept negative weights (validated at construction otherwise).
 
     Example:
