@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test test-oldest bench lint clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The fast suite on the oldest supported versions (.ci/oldest-versions.txt), in a second venv layered on $(VENV):
+# only the pinned packages (and what they need) are installed there; torch is shared. See docs/COMPATIBILITY.md.
+test-oldest: install
+	$(BIN)/python scripts/compat_matrix.py --sets oldest --tests fast --no-write --venv .venv-oldest --base-venv $(VENV)
+
 bench: install
 	$(BIN)/python benchmarks/throughput.py
 
@@ -36,4 +41,4 @@ lint: install
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-oldest build dist src/*.egg-info .pytest_cache

@@ -22,6 +22,7 @@ from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 from trl_plw import PLWConfig, PLWTrainer
+from trl_plw._compat import trl_at_least
 
 ROWS = 4
 
@@ -138,8 +139,9 @@ def test_policy_in_force_is_logged_once_in_one_line(smollm2_tokenizer, tmp_path,
         sft_and_plw(smollm2_tokenizer, tmp_path, messages_data())
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("PLWTrainer policy:")]
     assert len(lines) == 1 and "\n" not in lines[0]
-    assert "conversational language modeling data" in lines[0] and "prompt_loss_weight=1.0 (default: every token" in (
-        lines[0]
+    assert (
+        "conversational language modeling data" in lines[0]
+        and "prompt_loss_weight=1.0 (default: every token" in (lines[0])
     )
 
 
@@ -165,6 +167,7 @@ def test_training_arguments_and_sft_config_are_converted(smollm2_tokenizer, tmp_
     assert args.prompt_loss_weight is None and plw.args.prompt_loss_weight == 1.0  # resolved on the trainer's copy
 
 
+@pytest.mark.skipif(not trl_at_least("1.4"), reason="TRL < 1.4 has no loss_type='chunked_nll'")
 def test_chunked_nll_is_weighted_like_nll(smollm2_tokenizer, tmp_path):
     """TRL 1.10-1.15 default to loss_type='chunked_nll' (the same loss by a chunked head; an alias in 1.16)."""
     flags = {"loss_type": "chunked_nll"}
