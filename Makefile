@@ -26,10 +26,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The fast suite on the oldest supported versions (.ci/oldest-versions.txt), in a second venv layered on $(VENV):
-# only the pinned packages (and what they need) are installed there; torch is shared. See docs/COMPATIBILITY.md.
+# The fast suite on the oldest supported versions (.ci/oldest-versions.txt), in a second venv built like $(VENV) with
+# those versions pinned; only torch (and Triton) is shared with $(VENV), through a .pth file. See docs/COMPATIBILITY.md.
 test-oldest: install
-	$(BIN)/python scripts/compat_matrix.py --sets oldest --tests fast --no-write --venv .venv-oldest --base-venv $(VENV)
+	$(BIN)/python scripts/compat_matrix.py --sets oldest --tests fast --no-write --venv .venv-oldest --root .venv-oldest-shared --base-venv $(VENV)
 
 bench: install
 	$(BIN)/python benchmarks/throughput.py
@@ -41,4 +41,4 @@ lint: install
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
 clean:
-	rm -rf $(VENV) .venv-oldest build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-oldest .venv-oldest-shared build dist src/*.egg-info .pytest_cache

