@@ -204,3 +204,14 @@ def test_mean_token_accuracy_under_trls_name(smollm2_tokenizer, tmp_path):
     assert 0 < expected < 1
     ours = plw._split_metrics["train"].compute()["mean_token_accuracy"]
     assert ours == pytest.approx(expected, rel=torch.finfo(torch.float32).eps, abs=0)
+
+
+def test_per_example_chat_template_kwargs_are_honoured(smollm2_tokenizer, tmp_path):
+    """A `chat_template_kwargs` column (TRL reads it per example) reaches the template: PLWTrainer renders what
+    SFTTrainer renders, and trains the same tokens with the same loss."""
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.chat_template = "{% if greeting %}{{ greeting }}\n{% endif %}" + smollm2_tokenizer.chat_template
+    rows = [dict(row, chat_template_kwargs={"greeting": f"Hello {i}"}) for i, row in enumerate(messages_data())]
+    sft, plw = sft_and_plw(tokenizer, tmp_path, Dataset.from_list(rows))
+    assert_same_training(sft, plw, len(tokenizer))
+    assert tokenizer.decode(plw.train_dataset[1]["input_ids"]).startswith("Hello 1\n")

@@ -541,10 +541,12 @@ class PLWTrainer(SFTTrainer):
     def _tokenize_example(example: dict[str, Any], tokenizer, text_field: str) -> dict[str, Any]:
         tools = example.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
+        # Per-example template arguments (a dataset column, as TRL reads them), e.g. a harmony model's identity.
+        kwargs = {"tools": tools, "chat_template_kwargs": example.get("chat_template_kwargs") or None}
         if "prompt" in example and "completion" in example:
-            return tokenize_prompt_completion(tokenizer, example["prompt"], example["completion"], tools=tools)
+            return tokenize_prompt_completion(tokenizer, example["prompt"], example["completion"], **kwargs)
         if "messages" in example and is_conversational(example):
-            return tokenize_messages(tokenizer, example["messages"], tools=tools)
+            return tokenize_messages(tokenizer, example["messages"], **kwargs)
         if text_field in example:
             text = example[text_field]
             if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
