@@ -23,6 +23,8 @@ _FIELDS = (
     "completion_correct",
     "answer_correct",
     "answer_count",
+    "trained_correct",  # TRL's mean_token_accuracy: argmax hits over the trained (non-zero weight) targets
+    "trained_count",
 )
 
 
@@ -74,6 +76,8 @@ class SplitMetrics:
             parts += [(is_argmax & answer).sum(), answer.sum()]
         else:
             parts += [ce.new_zeros(()), ce.new_zeros(())]
+        trained = scored & (weights != 0)
+        parts += [(is_argmax & trained).sum(), trained.sum()]
         sums = torch.stack([p.to(torch.float64) for p in parts])
         self._sums = sums if self._sums is None else self._sums + sums
 
@@ -85,8 +89,9 @@ class SplitMetrics:
         include_answer: bool = False,
     ) -> dict[str, float]:
         """Metrics without prefix: ``loss`` (weighted, with the trainer's normalization), ``prompt_loss``,
-        ``completion_loss``, ``sequence_loss`` (mean CE over prompt and completion tokens), ``completion_accuracy``
-        and optionally ``answer_accuracy``. Quantities with an empty denominator are left out rather than
+        ``completion_loss``, ``sequence_loss`` (mean CE over prompt and completion tokens), ``completion_accuracy``,
+        ``mean_token_accuracy`` (TRL's metric: argmax accuracy over the trained targets) and optionally
+        ``answer_accuracy``. Quantities with an empty denominator are left out rather than
         reported as 0, which would read as a perfect loss."""
         if self._sums is None:
             return {}
@@ -104,6 +109,8 @@ class SplitMetrics:
             out["sequence_loss"] = (s["prompt_ce_sum"] + s["completion_ce_sum"]) / (
                 s["prompt_count"] + s["completion_count"]
             )
+        if s["trained_count"] > 0:  # under TRL's name, so metric_for_best_model="eval_mean_token_accuracy" works
+            out["mean_token_accuracy"] = s["trained_correct"] / s["trained_count"]
         if include_answer and s["answer_count"] > 0:
             out["answer_accuracy"] = s["answer_correct"] / s["answer_count"]
         return out

@@ -33,7 +33,6 @@ from datasets import Dataset, IterableDataset
 from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import (
-    get_dataset_column_names,
     is_conversational,
     is_conversational_from_value,
     maybe_convert_to_chatml,
@@ -42,6 +41,7 @@ from trl.data_utils import (
 
 from trl_plw._compat import (
     add_train_tokens,
+    dataset_column_names,
     lm_head_adapter_check_disabled,
     moe_aux_loss_coef,
     normalize_loss_type,
@@ -445,7 +445,7 @@ class PLWTrainer(SFTTrainer):
         if isinstance(dataset, Dataset):
             map_kwargs["num_proc"] = args.dataset_num_proc
 
-        columns = get_dataset_column_names(dataset)
+        columns = dataset_column_names(dataset)
         if getattr(self, "_assistant_only_loss", False):
             first = next(iter(dataset))
             if not (is_conversational(first) or "assistant_masks" in first or "token_roles" in first):
@@ -461,7 +461,7 @@ class PLWTrainer(SFTTrainer):
             if is_conversational_from_value(first):
                 dataset = dataset.map(
                     maybe_convert_to_chatml,
-                    remove_columns="conversations" if "conversations" in get_dataset_column_names(dataset) else None,
+                    remove_columns="conversations" if "conversations" in dataset_column_names(dataset) else None,
                     **map_kwargs,
                 )
                 first = next(iter(dataset))
@@ -472,7 +472,7 @@ class PLWTrainer(SFTTrainer):
                 + ([args.dataset_text_field] if args.dataset_text_field in first and "prompt" not in first else []),
                 **map_kwargs,
             )
-        columns = get_dataset_column_names(dataset)
+        columns = dataset_column_names(dataset)
         if not any(c in columns for c in WEIGHT_SOURCE_COLUMNS):
             if self._template_matcher is not None:
                 dataset = self._apply_templates(dataset, dataset_name, map_kwargs)
@@ -492,9 +492,9 @@ class PLWTrainer(SFTTrainer):
                     "SFTTrainer does on language-modeling data."
                 )
 
-        per_token = [c for c in PER_TOKEN_COLUMNS if c in get_dataset_column_names(dataset)]
+        per_token = [c for c in PER_TOKEN_COLUMNS if c in dataset_column_names(dataset)]
         example_weight = args.example_weight_column
-        has_example_weight = example_weight in get_dataset_column_names(dataset)
+        has_example_weight = example_weight in dataset_column_names(dataset)
         if has_example_weight and packing:
             # A scalar weight would be lost when rows are concatenated; spread it over the example's tokens first.
             first_value = next(iter(dataset))[example_weight]
@@ -541,10 +541,12 @@ class PLWTrainer(SFTTrainer):
     def _tokenize_example(example: dict[str, Any], tokenizer, text_field: str) -> dict[str, Any]:
         tools = example.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
+        # Per-example template arguments (a dataset column, as TRL reads them), e.g. a harmony model's identity.
+        kwargs = {"tools": tools, "chat_template_kwargs": example.get("chat_template_kwargs") or None}
         if "prompt" in example and "completion" in example:
-            return tokenize_prompt_completion(tokenizer, example["prompt"], example["completion"], tools=tools)
+            return tokenize_prompt_completion(tokenizer, example["prompt"], example["completion"], **kwargs)
         if "messages" in example and is_conversational(example):
-            return tokenize_messages(tokenizer, example["messages"], tools=tools)
+            return tokenize_messages(tokenizer, example["messages"], **kwargs)
         if text_field in example:
             text = example[text_field]
             if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
