@@ -107,7 +107,7 @@ def make_collator(case: str, padding_free: bool, tokenizer) -> DataCollatorForWe
         "pad_token_id": IM_END,
         "prompt_loss_weight": 0.1,
         "padding_free": padding_free,
-        "loss_weights_consumer": "benchmark",
+        "loss_weights_applied": True,
     }
     if case in ("token_roles", "packed"):
         kwargs["role_weights"] = {"template": 0.0, "user": 0.2}

@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     model = load_model(model_args.model_name_or_path).train()
     collator = DataCollatorForWeightedCompletionLM(
-        tokenizer=tokenizer, prompt_loss_weight=config.prompt_loss_weight, loss_weights_consumer="plain_pytorch_loop"
+        tokenizer=tokenizer, prompt_loss_weight=config.prompt_loss_weight, loss_weights_applied=True
     )
     examples = tokenized_examples(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
