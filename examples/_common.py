@@ -1,15 +1,23 @@
-"""What every example shares: its command-line flags and the small built-in datasets.
+"""What every example shares: its command line and the small built-in datasets.
 
 Each example runs as a script (``python examples/<name>.py --help``) and as ``main(argv)`` from the test suite, which
-passes a tiny local model and ``--max-steps 2``. The default model is the offline SmolLM2-135M-Instruct
-(``smollm2-135m``, no Hub access); any Hub id or local folder works the same way.
+passes a tiny local model and ``--max_steps 2``. The flags are those of ``trl sft`` and ``trl-plw sft``: `PLWConfig`
+and TRL's ``ModelConfig`` (plus an example's own dataclass, if it has one) parsed by ``trl.TrlParser``, so
+``--per_device_train_batch_size``, ``--learning_rate``, ``--use_peft``/``--lora_r`` or ``--config recipe.yaml`` work
+the same way in all of them. The model is named explicitly: the offline SmolLM2-135M-Instruct (``smollm2-135m``, no
+Hub access) by default; any Hub id or local folder works the same way.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 from collections.abc import Sequence
 from typing import Any
+
+from trl import ModelConfig, TrlParser
+
+from trl_plw import PLWConfig
+from trl_plw.cli.flags import bool_fields, negate_bool_flags
 
 PAIRS = [
     ("What is the capital of France? Answer in one word.", "Paris"),
@@ -23,44 +31,27 @@ PAIRS = [
 ]
 """Eight instruction/response pairs: enough to watch a few steps train, small enough for a CPU."""
 
+DEMO_MODEL = "smollm2-135m"
 
-def parser(description: str | None) -> argparse.ArgumentParser:
-    """The flags every example takes (model, steps, output folder, bf16)."""
-    p = argparse.ArgumentParser(description=(description or "").split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m", help="Hub id, local folder, or the offline 'smollm2-135m'.")
-    p.add_argument("--max-steps", type=int, default=20)
-    p.add_argument("--output-dir", default="runs/example")
-    p.add_argument(
-        "--bf16",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="bf16 autocast (default: PLWConfig's choice for the device).",
-    )
-    return p
-
-
-def config_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
-    """PLWConfig keyword arguments for a short run; ``--bf16``/``--no-bf16`` only when given."""
-    kwargs: dict[str, Any] = dict(
-        output_dir=args.output_dir,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
-    )
-    if args.bf16 is not None:
-        kwargs["bf16"] = args.bf16
-    kwargs.update(overrides)
-    return kwargs
+SHORT_RUN = dict(
+    model_name_or_path=DEMO_MODEL,
+    output_dir="runs/example",
+    max_steps=20,
+    per_device_train_batch_size=4,
+    learning_rate=1e-3,
+    lr_scheduler_type="constant",
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    disable_tqdm=True,
+    seed=0,
+)
+"""The parser's defaults for a short run (any flag overrides them); bf16 stays PLWConfig's choice for the device."""
 
 
-def parse(description: str | None, argv: Sequence[str] | None, add_arguments=None) -> argparse.Namespace:
-    p = parser(description)
-    if add_arguments is not None:
-        add_arguments(p)
-    return p.parse_args(argv)
+def parse(description: str | None, argv: Sequence[str] | None, *extra: type, **defaults: Any) -> tuple[Any, ...]:
+    """``(PLWConfig, ModelConfig, *extra instances)`` from ``argv``; ``defaults`` override `SHORT_RUN` per example."""
+    parser = TrlParser((PLWConfig, ModelConfig, *extra), description=(description or "").split("\n\n")[0])
+    parser.set_defaults(**{**SHORT_RUN, **defaults})
+    argv = negate_bool_flags(sys.argv[1:] if argv is None else list(argv), bool_fields(parser))
+    return tuple(parser.parse_args_and_config(argv))

@@ -5,17 +5,17 @@ the user's turns a little (PLW 0.1, decaying), and the assistant's fully. Roles 
 itself (any prefix-consistent template, no ``{% generation %}`` markers needed); the schedule is applied at loss
 time, so it never re-tokenizes and is exact on resume.
 
-    python examples/chat_role_weights_schedule.py --max-steps 20
+    python examples/chat_role_weights_schedule.py --max_steps 20
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from _common import PAIRS, config_kwargs, parse
+from _common import PAIRS, parse
 from datasets import Dataset
 
-from trl_plw import PLWConfig, PLWTrainer
+from trl_plw import PLWTrainer
 from trl_plw.experiments.offline_model import load_model, load_tokenizer
 
 ROLE_WEIGHTS = {"system": 0.0, "template": 0.0}  # factors of the scheduled prompt weight; user/tool follow it
@@ -38,16 +38,17 @@ def chat_dataset() -> Dataset:
 
 
 def main(argv: Sequence[str] | None = None) -> PLWTrainer:
-    args = parse(__doc__, argv)
-    tokenizer = load_tokenizer(args.model)
-    config = PLWConfig(
-        **config_kwargs(args),
+    config, model_args = parse(
+        __doc__,
+        argv,
         prompt_loss_weight=PLW_START,
         prompt_loss_weight_schedule="cosine",
         prompt_loss_weight_end=PLW_END,
         role_weights=ROLE_WEIGHTS,
     )
-    trainer = PLWTrainer(load_model(args.model), args=config, train_dataset=chat_dataset(), processing_class=tokenizer)
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    model = load_model(model_args.model_name_or_path)
+    trainer = PLWTrainer(model, args=config, train_dataset=chat_dataset(), processing_class=tokenizer)
     trainer.train()  # logs `prompt_loss_weight` at every step, next to prompt_loss / completion_loss
     return trainer
 

@@ -5,7 +5,7 @@ The same pattern works with `PLWTrainer`: state the template (and, new, the prom
 `DataCollatorForWeightedCompletionLM` only; PLWTrainer prepares the dataset with the collator's template, so BFD
 packing (which the old collator broke) keeps every token's role, and trains with the collator's weights.
 
-    python examples/migrate_completion_only_collator.py --prompt-loss-weight 0.1 --max-steps 20
+    python examples/migrate_completion_only_collator.py --prompt_loss_weight 0.1 --max_steps 20
 
 Before (TRL 0.19)::
 
@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from _common import PAIRS, config_kwargs, parse
+from _common import PAIRS, parse
 from datasets import Dataset
 
-from trl_plw import DataCollatorForWeightedCompletionLM, PLWConfig, PLWTrainer
+from trl_plw import DataCollatorForWeightedCompletionLM, PLWTrainer
 from trl_plw.experiments.offline_model import load_model, load_tokenizer
 
 RESPONSE_TEMPLATE = "### Response:\n"
@@ -34,14 +34,15 @@ def text_dataset() -> Dataset:
 
 
 def main(argv: Sequence[str] | None = None) -> PLWTrainer:
-    args = parse(__doc__, argv, lambda p: p.add_argument("--prompt-loss-weight", type=float, default=0.1))
-    tokenizer = load_tokenizer(args.model)
+    # BFD packing, padding-free batches; the collator states the weight, the config carries the same value
+    config, model_args = parse(__doc__, argv, prompt_loss_weight=0.1, packing=True, max_length=512)
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
     collator = DataCollatorForWeightedCompletionLM(
-        RESPONSE_TEMPLATE, tokenizer=tokenizer, prompt_loss_weight=args.prompt_loss_weight
+        RESPONSE_TEMPLATE, tokenizer=tokenizer, prompt_loss_weight=config.prompt_loss_weight
     )
     trainer = PLWTrainer(
-        load_model(args.model),
-        args=PLWConfig(**config_kwargs(args, packing=True, max_length=512)),  # BFD packing, padding-free batches
+        load_model(model_args.model_name_or_path),
+        args=config,
         data_collator=collator,
         train_dataset=text_dataset(),
         processing_class=tokenizer,

@@ -10,7 +10,11 @@ TRL. Two things matter:
   micro-batch by its own weight sum (a mean of means, the usual ``loss / accumulation_steps``) weights tokens of
   short micro-batches more, so the update would depend on how the window is split.
 
-    python examples/plain_pytorch_loop.py --max-steps 20
+    python examples/plain_pytorch_loop.py --max_steps 20
+
+The flags are PLWConfig's, read by hand here: ``--per_device_train_batch_size`` is the micro-batch,
+``--gradient_accumulation_steps`` the micro-batches per window, ``--prompt_loss_weight`` the collator's weight,
+``--learning_rate`` AdamW's.
 """
 
 from __future__ import annotations
@@ -67,27 +71,28 @@ def accumulate_window(model, micro_batches: Sequence[dict[str, torch.Tensor]]) -
 
 
 def main(argv: Sequence[str] | None = None) -> list[float]:
-    def add(p):
-        p.add_argument("--prompt-loss-weight", type=float, default=0.1)
-        p.add_argument("--micro-batch-size", type=int, default=2)
-        p.add_argument("--accumulation-steps", type=int, default=2)
-
-    args = parse(__doc__, argv, add)
+    config, model_args = parse(
+        __doc__,
+        argv,
+        prompt_loss_weight=0.1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-4,
+    )
     torch.manual_seed(0)
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model).train()
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    model = load_model(model_args.model_name_or_path).train()
     collator = DataCollatorForWeightedCompletionLM(
-        tokenizer=tokenizer, prompt_loss_weight=args.prompt_loss_weight, loss_weights_applied=True
+        tokenizer=tokenizer, prompt_loss_weight=config.prompt_loss_weight, loss_weights_applied=True
     )
     examples = tokenized_examples(tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    window = args.micro_batch_size * args.accumulation_steps
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    micro = config.per_device_train_batch_size
+    window = micro * config.gradient_accumulation_steps
     losses = []
-    for step in range(args.max_steps):
+    for step in range(config.max_steps):
         chosen = [examples[(step * window + i) % len(examples)] for i in range(window)]
-        micro_batches = [
-            collator(chosen[i : i + args.micro_batch_size]) for i in range(0, window, args.micro_batch_size)
-        ]
+        micro_batches = [collator(chosen[i : i + micro]) for i in range(0, window, micro)]
         losses.append(accumulate_window(model, micro_batches))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -25,6 +25,7 @@ def load_example(name: str):
         sys.path.insert(0, str(EXAMPLES))  # the scripts import their shared `_common` module
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -38,7 +39,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
 
 
 def run_args(model_dir, tmp_path, *extra):
-    return ["--model", model_dir, "--max-steps", "2", "--output-dir", str(tmp_path), "--no-bf16", *extra]
+    return ["--model_name_or_path", model_dir, "--max_steps", "2", "--output_dir", str(tmp_path), "--no-bf16", *extra]
 
 
 def test_every_example_has_a_test_and_a_docstring():
@@ -52,7 +53,7 @@ def test_every_example_has_a_test_and_a_docstring():
 
 def test_migrate_completion_only_collator(tiny_model_dir, tmp_path):
     example = load_example("migrate_completion_only_collator")
-    trainer = example.main(run_args(tiny_model_dir, tmp_path, "--prompt-loss-weight", "0.1"))
+    trainer = example.main(run_args(tiny_model_dir, tmp_path, "--prompt_loss_weight", "0.1"))
     assert trainer.state.global_step == 2 and trainer.padding_free  # trained, packed (BFD, padding-free)
     rows = list(trainer.train_dataset)
     assert all("seq_lengths" in r and len(r["seq_lengths"]) > 1 for r in rows[:1])
@@ -151,9 +152,8 @@ def test_gpu_lora_packed_varlen_recipe(tiny_model_dir, tmp_path):
     from accelerate.utils import is_peft_model
 
     example = load_example("gpu_lora_packed_varlen")
-    argv = run_args(
-        tiny_model_dir, tmp_path, "--num-examples", "8", "--max-length", "512", "--batch-size", "2", "--lora-r", "4"
-    )
+    argv = run_args(tiny_model_dir, tmp_path, "--num_examples", "8", "--max_length", "512")
+    argv += ["--per_device_train_batch_size", "2", "--lora_r", "4"]
     trainer = example.main(argv)
     model = trainer.model
     assert is_peft_model(model) and trainer.padding_free and trainer.state.global_step == 2

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from trl_plw.cli.flags import bool_fields, negate_bool_flags
+
 MODEL_REQUIRED = (
     "name the model to fine-tune: --model_name_or_path <Hub id or local folder> (or model_name_or_path: in the "
     "--config file). For an offline try-out, --model_name_or_path smollm2-135m is the demo model "
@@ -47,12 +49,6 @@ def load_any_dataset(name: str, config: str | None = None, split: str = "train")
     return datasets.load_dataset(name, config, split=split)
 
 
-def normalize_bf16_flags(argv: list[str]) -> list[str]:
-    """Accept ``--no-bf16``/``--no_bf16`` (HfArgumentParser only makes ``--bf16 [true|false]`` for a field whose
-    default is None). Without either flag, PLWConfig picks bf16 only where the hardware computes it natively."""
-    return [item for arg in argv for item in (("--bf16", "false") if arg in ("--no-bf16", "--no_bf16") else (arg,))]
-
-
 def run(args: argparse.Namespace) -> int:
     from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
@@ -60,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from trl_plw.trainer import PLWConfig, PLWTrainer
 
     parser = TrlParser((ScriptArguments, PLWConfig, ModelConfig), prog="trl-plw sft")
-    script_args, training_args, model_args = parser.parse_args_and_config(normalize_bf16_flags(args.rest))
+    argv = negate_bool_flags(args.rest, bool_fields(parser))
+    script_args, training_args, model_args = parser.parse_args_and_config(argv)
     if model_args.model_name_or_path is None:
         parser.error(MODEL_REQUIRED)
     model_kwargs = {

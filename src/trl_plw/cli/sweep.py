@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from trl_plw.cli.flags import bool_fields, negate_bool_flags
+
 DEPRECATED_FLAGS = {
     "--model": "--model_name_or_path",
     "--dataset": "--dataset_name",
@@ -47,9 +49,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_cli)
 
 
-def translate_flags(argv: Sequence[str], bool_fields: set[str]) -> list[str]:
-    """``argv`` with the aliases and deprecated flags renamed, and ``--no-X`` written as ``--X false`` for a boolean
-    field X (HfArgumentParser only makes ``--X [true|false]``, plus ``--no_X`` for fields that default to True)."""
+def translate_flags(argv: Sequence[str], fields: set[str]) -> list[str]:
+    """``argv`` with the aliases and deprecated flags renamed (a FutureWarning names the old ones) and ``--no-X``
+    written as ``--X false`` for a boolean field X (`trl_plw.cli.flags`)."""
     old = [a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in DEPRECATED_FLAGS]
     if old:
         renamed = ", ".join(f"{a} -> {DEPRECATED_FLAGS[a]}" for a in dict.fromkeys(old))
@@ -57,18 +59,13 @@ def translate_flags(argv: Sequence[str], bool_fields: set[str]) -> list[str]:
             f"trl-plw sweep/race: {renamed}. The sweep now takes PLWConfig's field names, like `trl-plw sft`; the "
             "old flags will be removed in the next release.",
             FutureWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    out: list[str] = []
+    renamed_argv = []
     for arg in argv:
         name, eq, value = arg.partition("=")
-        name = ALIASES.get(name, DEPRECATED_FLAGS.get(name, name))
-        negated = name[5:].replace("-", "_") if name.startswith("--no-") or name.startswith("--no_") else None
-        if negated in bool_fields and not eq:
-            out += [f"--{negated}", "false"]
-        else:
-            out.append(name + eq + value)
-    return out
+        renamed_argv.append(ALIASES.get(name, DEPRECATED_FLAGS.get(name, name)) + eq + value)
+    return negate_bool_flags(renamed_argv, fields)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -113,8 +110,7 @@ def parse_config(parser, argv: Sequence[str], config_cls: type) -> tuple[Any, st
     from trl_plw.experiments.sweep import TRAINING_FIELDS
     from trl_plw.trainer import PLWConfig
 
-    bool_fields = {a.dest for a in parser._actions if getattr(a.type, "__name__", "") == "string_to_bool"}
-    argv = translate_flags(argv, bool_fields)
+    argv = translate_flags(argv, bool_fields(parser))
     defaults = vars(parser.parse_known_args([])[0])
     arguments, training, *rest = parser.parse_args_and_config(argv)
     given = {k for k, v in vars(parser.parse_known_args(argv)[0]).items() if v != defaults.get(k)}  # + --config's

@@ -1,7 +1,7 @@
 """``trl-plw sweep``: which prompt-loss weight for *my* data? The article's sweep for any dataset.
 
 For each prompt-loss weight (and seed), fine-tune on the user's dataset and evaluate on a schedule: prompt loss,
-completion loss, full-sequence loss and (with ``--answer-tokens``) answer accuracy, all from the fused pass. The
+completion loss, full-sequence loss and (with ``--answer_tokens``) answer accuracy, all from the fused pass. The
 outputs are the article's three findings, each with its uncertainty:
 
 1. the stopping-rule table: accuracy at the minimum of the validation full-sequence loss vs at the minimum of the
@@ -14,7 +14,7 @@ Accuracies come with Wilson 95% intervals over the evaluation items (pooled over
 against the noise of a finite evaluation set. The command also measures the generation ratio Rg of the training data
 and recommends a weight, with the evidence for it (the article's closing advice, turned into a measurement).
 
-Outputs in ``--output-dir``: ``config.json``; per run ``[seed_S/]plw_W/metrics.jsonl`` and ``done.json``;
+Outputs in ``--output_dir``: ``config.json``; per run ``[seed_S/]plw_W/metrics.jsonl`` and ``done.json``;
 ``metrics.csv`` (long format), ``summary.json``/``summary.md`` and a plot. A killed sweep is resumable: rerunning the
 same command skips every run that has its ``done.json`` and continues with the weights not yet done.
 """
@@ -195,8 +195,8 @@ def load_sweep_splits(config: SweepConfig, seed: int = 0):
         if "text" in columns:
             return table.select_columns(["text"])
         raise ValueError(
-            f"{config.dataset_name}: found columns {columns}; expected prompt/completion (--prompt-column, "
-            "--completion-column), messages (--messages-column), text (--text-column with --response-template) "
+            f"{config.dataset_name}: found columns {columns}; expected prompt/completion (--prompt_column, "
+            "--completion_column), messages (--messages_column), text (--text_column with --response_template) "
             "or the RACE schema"
         )
 
@@ -532,7 +532,7 @@ def check_resumable(config: SweepConfig, output_dir: Path) -> None:
         details = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ValueError(
             f"{output_dir} holds a sweep run with other settings ({details}); resuming would mix two sweeps in one "
-            "table. Use another --output-dir, or --no-resume to retrain every run."
+            "table. Use another --output_dir, or --no-resume to retrain every run."
         )
 
 
