@@ -40,6 +40,7 @@ from trl.data_utils import (
 
 from trl_plw.attention import ensure_registered
 from trl_plw.collator import DataCollatorForWeightedCompletionLM
+from trl_plw.message_weights import any_weighted
 from trl_plw.metrics import SplitMetrics
 from trl_plw.roles import (
     PER_TOKEN_COLUMNS,
@@ -53,7 +54,6 @@ from trl_plw.roles import (
     tokenize_messages,
     tokenize_prompt_completion,
 )
-from trl_plw.message_weights import any_weighted
 from trl_plw.schedules import SCHEDULE_KINDS, prompt_weight_at
 from trl_plw.spans import resolve_span_rules, token_span_bits
 from trl_plw.weighted_head import add_weighted_lm_head
@@ -169,7 +169,9 @@ class PLWConfig(SFTConfig):
             try:
                 self.span_weights = json.loads(self.span_weights)
             except json.JSONDecodeError as err:
-                raise ValueError(f"span_weights must be a preset chain or JSON, got {self.span_weights!r}: {err}") from err
+                raise ValueError(
+                    f"span_weights must be a preset chain or JSON, got {self.span_weights!r}: {err}"
+                ) from err
         resolve_span_rules(self.span_weights)  # bad patterns or presets raise here, naming the rule
         if self.loss_normalization not in ("weights", "nonzero_tokens"):
             raise ValueError(
