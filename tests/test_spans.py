@@ -104,7 +104,7 @@ def test_react_preset_on_rendered_chatml(smollm2_tokenizer):
     the keywords Thought/Observation/Final Answer and the end-of-turn token untouched."""
     tok = smollm2_tokenizer
     answer = (
-        "Thought: I need the weather.\nAction: get_weather\nAction Input: {\"city\": \"Paris\"}\n"
+        'Thought: I need the weather.\nAction: get_weather\nAction Input: {"city": "Paris"}\n'
         "Observation: 21C and sunny\nThought: I know it.\nFinal Answer: 21C"
     )
     messages = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": answer}]
@@ -122,8 +122,7 @@ def test_react_preset_on_rendered_chatml(smollm2_tokenizer):
     # "Observation:" ends a token boundary-free region: ":" and " " may merge; the keyword itself is not covered
     keyword = overlapping(offsets, *find(text, "Observation"))
     assert not keyword & covered(bits, 1)
-    weights = torch.ones(len(ids)) * torch.tensor([2.0 if b & 1 else 0.0 if b & 2 else 1.0 for b in bits.tolist()])
-    assert weights[-2].item() == 1.0  # <|im_end|> (the model learns to stop), then "\n" (template)
+    assert ids[-2] == tok.convert_tokens_to_ids("<|im_end|>") and bits[-2] == 0  # the model still learns to stop
 
 
 def test_hermes_and_think_presets_on_a_qwen_style_template(qwen_style_tokenizer):
@@ -222,6 +221,43 @@ def test_collator_refuses_negative_span_weights_without_opt_in(smollm2_tokenizer
 
 
 # ------------------------------------------------------------------------------------------------ message weights
+def expected_message_weights(tok, messages, text: str, offsets: np.ndarray) -> np.ndarray:
+    """Per-token message weights written from the rule, with literal searches in the rendered text: a weighted
+    assistant message covers its completion (end of the generation prompt through its <|im_end|>), any other its
+    content and the next <|im_end|> token."""
+    expected = np.ones(offsets.shape[0])
+    for i, message in enumerate(messages):
+        weight = message.get("weight", message.get("loss"))
+        if weight is None:
+            continue
+        if message["role"] == "assistant":
+            start = len(tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+            tokens = overlapping(offsets, start, find(text, "<|im_end|>", start)[1])
+        else:
+            previous = len(tok.apply_chat_template(messages[:i], tokenize=False)) if i else 0
+            start, end = find(text, message["content"], previous)
+            tokens = overlapping(offsets, start, end) | overlapping(offsets, *find(text, "<|im_end|>", end))
+        expected[sorted(tokens)] *= weight
+    return expected
+
+
+def expected_span_weights(tok, ids, text: str, offsets: np.ndarray, weights: dict[str, float]) -> np.ndarray:
+    """Per-token product of the hermes/think span weights, from literal <tag>...</tag> searches (special tokens
+    excluded, the straddle rule by offsets)."""
+    expected = np.ones(offsets.shape[0])
+    for name, (opening, closing) in {
+        "tool_call": ("<tool_call>", "</tool_call>"),
+        "tool_response": ("<tool_response>", "</tool_response>"),
+        "think": ("<think>", "</think>"),
+    }.items():
+        cursor = 0
+        while (pos := text.find(opening, cursor)) >= 0:
+            end = text.index(closing, pos) + len(closing)
+            expected[sorted(overlapping(offsets, pos, end, ids, tok))] *= weights[name]
+            cursor = end
+    return expected
+
+
 def test_message_weights_multiply_content_and_end_of_turn(qwen_style_tokenizer):
     """Each weighted message multiplies its content and the end-of-turn token closing it; template boilerplate
     (<|im_start|>role, the <tool_response> wrapper) keeps weight 1. The assistant's `loss` (ms-swift) covers its
@@ -244,6 +280,7 @@ def test_message_weights_multiply_content_and_end_of_turn(qwen_style_tokenizer):
     tool_start, tool_end = find(text, messages[4]["content"])
     expected[sorted(overlapping(offsets, tool_start, tool_end) | eot_after(tool_end))] *= 0.0
     np.testing.assert_array_equal(weights, expected)
+    np.testing.assert_array_equal(weights, expected_message_weights(tok, messages, text, offsets))
     wrapper = overlapping(offsets, *find(text, "<tool_response>", tool_start - 20))
     assert (weights[sorted(wrapper)] == 1).all()
     # without the key, no column; another key name reads only that key (no alias)
