@@ -343,3 +343,21 @@ def test_collator_matches_spans_itself_like_dataset_preparation(qwen_style_token
     assert torch.unique(weights[(spans == 1)]).tolist() == [0.5]
     with pytest.raises(ValueError, match="built with other span rules"):
         Collator(tokenizer=tok, span_weights="think", loss_weights_applied=True)([packed])
+
+
+def test_plwconfig_reads_span_weights_and_message_key_from_the_command_line():
+    from trl import TrlParser
+
+    from trl_plw import PLWConfig
+
+    parser = TrlParser((PLWConfig,))
+    common = ["--output_dir", "unused", "--report_to", "none", "--use_cpu", "true"]
+    (chain,) = parser.parse_args_into_dataclasses([*common, "--span_weights", "hermes+think=0.3"])
+    assert [r.weight for r in resolve_span_rules(chain.span_weights)] == [2.0, 0.0, 0.3]
+    assert chain.message_weight_key == "weight"
+    (mapping,) = parser.parse_args_into_dataclasses(
+        [*common, "--span_weights", '{"(?s)<a>.*?</a>": 2}', "--message_weight_key", "loss"]
+    )
+    assert mapping.span_weights == {"(?s)<a>.*?</a>": 2} and mapping.message_weight_key == "loss"
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        PLWConfig("unused", report_to="none", use_cpu=True, span_weights={"(": 1.0})

@@ -141,7 +141,7 @@ class PLWConfig(SFTConfig):
     example_weight_column: str = field(
         default="weight", metadata={"help": "Dataset column with a per-example weight multiplier, if present."}
     )
-    span_weights: dict | list | str | None = field(
+    span_weights: dict | str | None = field(
         default=None,
         metadata={"help": "Span rules: a preset chain ('react+think=0.5') or a JSON {regex: weight} mapping."},
     )
