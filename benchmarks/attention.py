@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 import torch
+from _bench_common import sync, write_json
 
 from trl_plw.attention import (
     VARLEN_ATTENTION,
@@ -35,7 +36,6 @@ from trl_plw.attention import (
     register_attention_backends,
     varlen_attn_status,
 )
-from trl_plw.experiments.benchmarking.common import sync, write_json
 
 GPU_CONFIG = dict(num_layers=4, hidden_size=1024, intermediate_size=2816, num_heads=16, num_kv_heads=4, vocab=32000)
 CPU_CONFIG = dict(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, vocab=256)

@@ -32,9 +32,9 @@ import time
 from typing import Any
 
 import torch
+from _bench_common import write_json
 
 from trl_plw.collator import DataCollatorForWeightedCompletionLM
-from trl_plw.experiments.benchmarking.common import write_json
 from trl_plw.roles import Role
 
 # SmolLM2 (ChatML) ids: <|im_start|>=1, <|im_end|>=2, "user"=4093, "ass"+"istant"=520, 9531, "\n"=198
@@ -107,7 +107,7 @@ def make_collator(case: str, padding_free: bool, tokenizer) -> DataCollatorForWe
         "pad_token_id": IM_END,
         "prompt_loss_weight": 0.1,
         "padding_free": padding_free,
-        "loss_weights_consumer": "benchmark",
+        "loss_weights_applied": True,
     }
     if case in ("token_roles", "packed"):
         kwargs["role_weights"] = {"template": 0.0, "user": 0.2}

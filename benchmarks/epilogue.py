@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from trl_plw.experiments.benchmarking.common import device_name, write_json  # noqa: E402
+from _bench_common import device_name, write_json  # noqa: E402
 
 DEFAULT_CONFIGS = "2048x4,4096x8,8192x8,8192x16,16384x16,16384x32"
 

@@ -18,7 +18,7 @@ Steps, each in a subprocess with its own time budget (the whole run ends by ``--
    Every method's record is appended to a JSON-lines file as it is made; when the shape's process dies (a crash
    that no ``except`` can catch), it is started again without the methods already recorded and without the one that
    was running, which is recorded as crashed (`run_loss_head_shape`).
-5. ``e2e``: ``trl_plw.experiments.benchmarking.throughput`` on CUDA (bf16 autocast, RACE-format rows of up to 4096
+5. ``e2e``: ``benchmarks/throughput.py`` on CUDA (bf16 autocast, RACE-format rows of up to 4096
    tokens, 16k real tokens per step): trl.SFTTrainer padded and BFD packed, PLWTrainer padded (sdpa) and BFD packed
    (``plw_varlen``, or flash-attn when installed), on a random-init model that needs no download
    (``smollm2-135m-config``: SmolLM2-135M's architecture) with SmolLM2's tokenizer from ``--tokenizer`` or
@@ -54,7 +54,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-from trl_plw.experiments.benchmarking.common import now_iso, package_versions, write_json  # noqa: E402
+from _bench_common import now_iso, package_versions, write_json  # noqa: E402
 
 STEPS = ("install", "pytest", "epilogue", "loss_head", "e2e")
 BUDGETS_S = {"install": 30, "pytest": 90, "epilogue": 40, "loss_head": 210, "e2e": 110}
@@ -214,7 +214,7 @@ def build_plan(args: argparse.Namespace, out: Path, site: Path) -> list[dict[str
             "model": args.e2e_model,
             "trainers": args.e2e_trainers.split(","),
             "settings": s,
-            "command": [py, "-m", "trl_plw.experiments.benchmarking.throughput", "--device", "cuda", "--bf16"]
+            "command": [py, str(REPO / "benchmarks" / "throughput.py"), "--device", "cuda", "--bf16"]
             + ["--models", args.e2e_model, "--tokenizer", resolve_tokenizer(args), "--datasets", s["dataset"]]
             + ["--trainers", args.e2e_trainers, "--max-length", str(s["max_length"])]
             + [
@@ -461,12 +461,12 @@ def do_e2e(check: Check, step: dict[str, Any], site: Path, log: Path) -> None:
     path = check.out / "e2e_throughput.json"
     record: dict[str, Any] = {k: run[k] for k in ("rc", "timed_out", "wall_s")}
     if path.is_file():
-        from trl_plw.experiments.benchmarking import throughput
+        import throughput
 
         saved = json.loads(path.read_text())
         runs = saved.get("runs", [])
         record["table"] = throughput.aggregate(runs)
-        record["checks"] = throughput.check_targets(record["table"])
+        record["checks"] = throughput.check_ratios(record["table"])
         record["errors"] = [{"trainer": r["spec"]["trainer"], "error": r["error"]} for r in runs if "error" in r]
         record["partial"] = bool(saved.get("partial"))
     else:
@@ -564,7 +564,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["## Loss head (fwd+bwd, bf16)", "", loss_head.markdown(lh["results"], loss_head_env(report)), ""]
     e2e = steps.get("e2e", {})
     if e2e.get("table"):
-        from trl_plw.experiments.benchmarking import throughput
+        import throughput
 
         lines += ["## End to end (step time, bf16 autocast)", "", throughput.markdown_table(e2e["table"]), ""]
         lines += [throughput.format_checks(e2e["checks"]), ""]

@@ -59,7 +59,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from trl_plw.experiments.benchmarking.common import MiB, cpu_model, device_name, format_loadavg, sync, write_json  # noqa: E402
+from _bench_common import MiB, cpu_model, device_name, format_loadavg, sync, write_json  # noqa: E402
+
 from trl_plw.ops import KernelOptions, weighted_linear_cross_entropy  # noqa: E402
 
 SHAPES = {  # name: (hidden size, vocab size)
@@ -677,7 +678,7 @@ def main(argv=None):
         methods = [m for m in wanted if m in methods]  # in the order given; a resumed run may leave out ours
     default_n = DEFAULT_TOKENS_GPU if device.type == "cuda" else DEFAULT_TOKENS_CPU
 
-    from trl_plw.experiments.benchmarking.common import package_versions
+    from _bench_common import package_versions
 
     env = {
         "device": device_name(device),

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from _common import PAIRS, config_kwargs, parse
 from datasets import Dataset
 
-from trl_plw import PLWConfig, PLWTrainer, load_model, load_tokenizer
+from trl_plw import PLWConfig, PLWTrainer
+from trl_plw.experiments.offline_model import load_model, load_tokenizer
 
 ROLE_WEIGHTS = {"system": 0.0, "template": 0.0}  # factors of the scheduled prompt weight; user/tool follow it
 PLW_START, PLW_END = 0.1, 0.01

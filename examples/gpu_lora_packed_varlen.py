@@ -19,8 +19,9 @@ import torch
 from _common import config_kwargs, parse
 from peft import LoraConfig
 
-from trl_plw import PLWConfig, PLWTrainer, load_model, load_tokenizer
+from trl_plw import PLWConfig, PLWTrainer
 from trl_plw.cli.sft import load_any_dataset
+from trl_plw.experiments.offline_model import load_model, load_tokenizer
 
 
 def main(argv: Sequence[str] | None = None) -> PLWTrainer:

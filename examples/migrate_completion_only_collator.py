@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from _common import PAIRS, config_kwargs, parse
 from datasets import Dataset
 
-from trl_plw import DataCollatorForWeightedCompletionLM, PLWConfig, PLWTrainer, load_model, load_tokenizer
+from trl_plw import DataCollatorForWeightedCompletionLM, PLWConfig, PLWTrainer
+from trl_plw.experiments.offline_model import load_model, load_tokenizer
 
 RESPONSE_TEMPLATE = "### Response:\n"
 

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from _common import PAIRS, parse
 
-from trl_plw import DataCollatorForWeightedCompletionLM, load_model, load_tokenizer, weighted_linear_cross_entropy
+from trl_plw import DataCollatorForWeightedCompletionLM, weighted_linear_cross_entropy
+from trl_plw.experiments.offline_model import load_model, load_tokenizer
 from trl_plw.roles import tokenize_prompt_completion
 
 
@@ -76,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model).train()
     collator = DataCollatorForWeightedCompletionLM(
-        tokenizer=tokenizer, prompt_loss_weight=args.prompt_loss_weight, loss_weights_consumer="plain_pytorch_loop"
+        tokenizer=tokenizer, prompt_loss_weight=args.prompt_loss_weight, loss_weights_applied=True
     )
     examples = tokenized_examples(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

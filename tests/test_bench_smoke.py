@@ -1,4 +1,4 @@
-"""Smoke test of the throughput benchmark's machinery (trl_plw.experiments.benchmarking.throughput) on a tiny random Llama.
+"""Smoke test of the throughput benchmark's machinery (benchmarks/throughput.py) on a tiny random Llama.
 
 Every trainer configuration trains one epoch of the same eight examples (two optimizer steps) in this process. No
 timing is asserted: only the structure of the results and the token accounting (padded and packed runs must see
@@ -19,10 +19,13 @@ import pytest
 from conftest import make_tiny_llama
 from datasets import Dataset
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def bench():
-    from trl_plw.experiments.benchmarking import throughput
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import throughput
 
     return throughput
 
@@ -94,56 +97,60 @@ def test_every_trainer_counts_the_same_tokens(bench, smollm2_tokenizer, tmp_path
 
     table = bench.aggregate(list(results.values()))
     assert set(table["tiny-llama/instruct"]) == set(bench.TRAINERS)
-    checks = bench.check_targets(table)
+    checks = bench.check_ratios(table)
     assert {c["check"] for c in checks} >= {"packed_vs_sft_packed", "packed_vs_full_logits", "packed_vs_padded"}
     assert "(4) PLWTrainer" in bench.markdown_table(table)
     assert bench.format_checks(checks).count("\n") == len(checks) - 1
 
 
-def test_cli_registers_bench():
-    import argparse
-
+def test_cli_bench_hands_every_argument_to_the_script(monkeypatch):
+    """`trl-plw bench ARGS` runs the checkout's script with this interpreter and ARGS untouched."""
+    import trl_plw.cli
     from trl_plw.cli import bench as bench_cli
 
-    parser = argparse.ArgumentParser()
-    bench_cli.add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["bench", "--quick", "--bf16", "--trainers", "plw_packed"])
-    assert args.quick and args.bf16 and args.trainers == "plw_packed" and callable(args.func)
+    calls = []
+    monkeypatch.setattr(bench_cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert trl_plw.cli.main(["bench", "--quick", "--bf16", "--trainers", "plw_packed"]) == 0
+    script = str(REPO / "benchmarks" / "throughput.py")
+    assert calls == [[sys.executable, script, "--quick", "--bf16", "--trainers", "plw_packed"]]
+    monkeypatch.setenv("TRL_PLW_BENCHMARKS", str(REPO / "docs"))  # a folder without the script: not found
+    assert bench_cli.find_benchmark() is None
 
 
-def test_bench_cli_needs_no_checkout():
-    """`trl-plw bench` imports the benchmark from the package: no path into a source checkout."""
-    from trl_plw.cli import bench as bench_cli
+def test_bench_finds_the_checkouts_script():
+    """In a checkout, `trl-plw bench` runs benchmarks/throughput.py with the arguments given (its --help here)."""
+    from trl_plw.cli import bench as cli_bench
 
-    source = Path(bench_cli.__file__).read_text()
-    assert "parents[" not in source and "benchmarks/throughput.py" not in source.split('"""', 2)[2]
+    assert cli_bench.find_benchmark(REPO / "docs") == REPO / "benchmarks" / "throughput.py"
+    code = "import trl_plw.cli as c; raise SystemExit(c.main(['bench', '--help']))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "--from-json" in proc.stdout and "--quick" in proc.stdout
 
 
-def test_bench_runs_from_an_installed_wheel(tmp_path):
+def test_benchmarks_stay_out_of_the_wheel_and_bench_says_where_to_get_them(tmp_path):
     """Build the wheel from a copy of the sources, install it into a bare target folder and run `trl-plw bench`
-    from there (dependencies come from this interpreter's site-packages; the target comes first on the path)."""
-    repo = Path(__file__).resolve().parents[1]
+    outside any checkout: the wheel holds no benchmark, and the command says how to get one instead of failing
+    with an import error (dependencies come from this interpreter's site-packages; the target comes first)."""
     src = tmp_path / "src"
-    shutil.copytree(repo / "src" / "trl_plw", src / "src" / "trl_plw", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "src" / "trl_plw", src / "src" / "trl_plw", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(repo / name, src / name)
+        shutil.copy2(REPO / name, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(
         [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)], check=True
     )
     (wheel,) = (tmp_path / "dist").glob("trl_plw-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {
-        "trl_plw/experiments/benchmarking/throughput.py",
-        "trl_plw/experiments/benchmarking/common.py",
-        "trl_plw/cli/bench.py",
-    } <= names
+    assert "trl_plw/cli/bench.py" in names
+    assert not [n for n in names if "bench" in n and n != "trl_plw/cli/bench.py"], sorted(names)
     target = tmp_path / "target"
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)], check=True)
 
-    env = dict(os.environ, PYTHONPATH=str(target))
-    code = "import trl_plw.experiments.benchmarking.throughput as t, trl_plw.cli as c; print(t.__file__); c.main(['bench', '--help'])"
+    env = {k: v for k, v in os.environ.items() if k != "TRL_PLW_BENCHMARKS"}
+    env["PYTHONPATH"] = str(target)
+    code = "import trl_plw.cli as c; print(c.__file__, flush=True); raise SystemExit(c.main(['bench', '--quick']))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[0].startswith(str(target))  # the installed copy, not the checkout
-    assert "--from-json" in proc.stdout and "--quick" in proc.stdout
+    assert proc.stdout.startswith(str(target))  # the installed copy, not the checkout
+    assert proc.returncode == 2, proc.stderr
+    assert "source checkout" in proc.stderr and "TRL_PLW_BENCHMARKS" in proc.stderr

@@ -179,7 +179,7 @@ def test_packed_and_padding_free_reproduce_padded_weights(prompt_loss_weight):
         ]
         ex["weight"] = [1.0 + 0.5 * i] * len(ex["input_ids"])
     kwargs = {"pad_token_id": PAD, "prompt_loss_weight": prompt_loss_weight, "role_weights": {"template": 0.1}}
-    kwargs["loss_weights_consumer"] = "test"
+    kwargs["loss_weights_applied"] = True
     lengths = [len(ex["input_ids"]) for ex in examples]
     reference = Collator(**kwargs)(examples)
     ref_weights = unpad_rows(reference, "loss_weights", lengths)
@@ -232,7 +232,7 @@ def test_tiny_model_weighted_loss_padding_free_equals_padded(tiny_llama):
     examples = random_examples([11, 5, 17, 8], vocab=128, seed=7)
     for i, ex in enumerate(examples):
         ex["weight"] = 0.5 + i
-    kwargs = {"pad_token_id": PAD, "prompt_loss_weight": 0.2, "loss_weights_consumer": "test"}
+    kwargs = {"pad_token_id": PAD, "prompt_loss_weight": 0.2, "loss_weights_applied": True}
     with torch.no_grad():
         padded = _weighted_loss(model, Collator(**kwargs)(examples))
         padding_free = _weighted_loss(model, Collator(**kwargs, padding_free=True, pad_to_multiple_of=16)(examples))
@@ -266,9 +266,9 @@ def test_template_and_mask_sources_agree_on_chatml(smollm2_tokenizer):
         for t in tokenized
     ]
     by_template = [{"input_ids": t["input_ids"]} for t in tokenized]
-    collate_roles = Collator(tokenizer=tok, prompt_loss_weight=0.1, loss_weights_consumer="test")
+    collate_roles = Collator(tokenizer=tok, prompt_loss_weight=0.1, loss_weights_applied=True)
     collate_template = Collator(
-        tokenizer=tok, response_template=CHATML_ASSISTANT, prompt_loss_weight=0.1, loss_weights_consumer="test"
+        tokenizer=tok, response_template=CHATML_ASSISTANT, prompt_loss_weight=0.1, loss_weights_applied=True
     )
     assert collate_roles.pad_token_id == tok.pad_token_id
     a, b, c = collate_roles(by_roles), collate_roles(by_mask), collate_template(by_template)
@@ -350,7 +350,7 @@ def test_per_role_weights():
         prompt_loss_weight=0.5,
         completion_loss_weight=2.0,
         role_weights={"system": 0.25, "user": 0.75, "template": 0.0},
-        loss_weights_consumer="test",
+        loss_weights_applied=True,
     )
     batch = collator([example])
     assert batch["loss_weights"].tolist() == [[0.0, 0.25, 0.0, 0.75, 0.5, 0.5, 2.0, 0.0]]
@@ -371,7 +371,7 @@ def test_source_preference_and_explicit_weights():
         "completion_mask": [1, 1, 1, 1],
         "weight": 2.0,
     }
-    batch = Collator(pad_token_id=PAD, loss_weights_consumer="test")([example])
+    batch = Collator(pad_token_id=PAD, loss_weights_applied=True)([example])
     assert batch["loss_weights"][0].tolist() == pytest.approx([0.0, 0.6, 0.0, 4.0])  # explicit, times example weight
     assert batch["completion_mask"].tolist() == [[False, False, True, True]]  # roles still come from token_roles
     assert batch["labels"].tolist() == [[-100, 2, -100, 4]]
@@ -385,7 +385,7 @@ def test_source_preference_and_explicit_weights():
     b = Collator(pad_token_id=PAD)([{"input_ids": [1, 2, 3], "assistant_masks": [0, 0, 1]}])
     assert b["loss_weights"].tolist() == [[0.0, 0.0, 1.0]]
     # explicit weights without roles: weighted tokens count as completion for the masks
-    b = Collator(pad_token_id=PAD, loss_weights_consumer="t")([{"input_ids": [1, 2, 3], "loss_weights": [1, 0, 0.5]}])
+    b = Collator(pad_token_id=PAD, loss_weights_applied=True)([{"input_ids": [1, 2, 3], "loss_weights": [1, 0, 0.5]}])
     assert b["completion_mask"].tolist() == [[False, False, True]] and b["prompt_mask"].tolist() == [
         [False, True, False]
     ]
@@ -396,7 +396,7 @@ def test_explicit_loss_weights_are_not_run_through_the_templates(on_missing):
     """Templates are for examples without a per-token source: an example that brings `loss_weights` is weighted as
     given even where the template is missing (before: "not found" raised, or "ignore" zeroed its weights)."""
     collator = Collator(
-        pad_token_id=PAD, response_template=[99, 98], on_missing_template=on_missing, loss_weights_consumer="t"
+        pad_token_id=PAD, response_template=[99, 98], on_missing_template=on_missing, loss_weights_applied=True
     )
     batch = collator([{"input_ids": [11, 12, 13, 14, 15], "loss_weights": [0.0, 0.5, 0.5, 1.0, 1.0]}])
     assert batch["loss_weights"].tolist() == [[0.0, 0.5, 0.5, 1.0, 1.0]]
@@ -413,7 +413,7 @@ def test_example_weight_scalar_and_per_token():
         {"input_ids": [7, 8], "completion_mask": [0, 1]},
         {"input_ids": [7, 8], "completion_mask": [0, 1], "w": torch.tensor(0.0)},
     ]
-    batch = Collator(pad_token_id=PAD, example_weight_column="w", loss_weights_consumer="test")(examples)
+    batch = Collator(pad_token_id=PAD, example_weight_column="w", loss_weights_applied=True)(examples)
     assert batch["loss_weights"].tolist() == [[0.0, 3.0, 3.0], [0.0, 0.5, 2.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
     assert batch["labels"][3].tolist() == [-100, -100, -100]
 
@@ -452,7 +452,7 @@ def test_token_roles_ignore_and_labels():
 def test_length_mismatch_names_the_column(column):
     example = {"input_ids": [1, 2, 3], "completion_mask": [0, 1, 1], column: [0, 1]}
     with pytest.raises(ValueError, match=rf"`{column}` has 2 entries but `input_ids` has 3"):
-        Collator(pad_token_id=PAD, loss_weights_consumer="test")([example])
+        Collator(pad_token_id=PAD, loss_weights_applied=True)([example])
 
 
 @pytest.mark.parametrize("column", ["loss_weights", "weight"])
@@ -460,10 +460,10 @@ def test_length_mismatch_names_the_column(column):
 def test_non_finite_weights_rejected(column, bad):
     example = {"input_ids": [1, 2, 3], "completion_mask": [0, 1, 1], column: [1.0, bad, 1.0]}
     with pytest.raises(ValueError, match=rf"`{column}` contains a non-finite weight"):
-        Collator(pad_token_id=PAD, loss_weights_consumer="test")([example])
+        Collator(pad_token_id=PAD, loss_weights_applied=True)([example])
     example[column] = bad if column == "weight" else example[column]
     with pytest.raises(ValueError, match=rf"`{column}`"):
-        Collator(pad_token_id=PAD, loss_weights_consumer="test")([example])
+        Collator(pad_token_id=PAD, loss_weights_applied=True)([example])
 
 
 @pytest.mark.parametrize(
@@ -484,13 +484,13 @@ def test_bad_weights_rejected_at_construction(kwargs, field):
 def test_negative_weights_need_opt_in():
     example = {"input_ids": [1, 2, 3], "loss_weights": [0.0, -0.5, 1.0]}
     with pytest.raises(ValueError, match="`loss_weights` contains a negative weight.*allow_negative_weights"):
-        Collator(pad_token_id=PAD, loss_weights_consumer="test")([example])
+        Collator(pad_token_id=PAD, loss_weights_applied=True)([example])
     with pytest.raises(ValueError, match="`weight`=-2.0 is negative"):
         Collator(pad_token_id=PAD)([{"input_ids": [1, 2], "completion_mask": [0, 1], "weight": -2.0}])
-    batch = Collator(pad_token_id=PAD, allow_negative_weights=True, loss_weights_consumer="test")([example])
+    batch = Collator(pad_token_id=PAD, allow_negative_weights=True, loss_weights_applied=True)([example])
     assert batch["loss_weights"].tolist() == [[0.0, -0.5, 1.0]] and batch["labels"].tolist() == [[-100, 2, 3]]
     collator = Collator(
-        pad_token_id=PAD, prompt_loss_weight=-0.1, allow_negative_weights=True, loss_weights_consumer="t"
+        pad_token_id=PAD, prompt_loss_weight=-0.1, allow_negative_weights=True, loss_weights_applied=True
     )
     assert collator([{"input_ids": [1, 2, 3], "completion_mask": [0, 0, 1]}])["loss_weights"][
         0, 1
@@ -546,21 +546,38 @@ def test_missing_template_raise_and_ignore():
 # ---------------------------------------------------------------------------------------------------- consumer guard
 def test_sfttrainer_consumer_guard():
     examples = [{"input_ids": [1, 2, 3, 4], "completion_mask": [0, 0, 1, 1]}]
-    with pytest.raises(ValueError, match=r"trl.SFTTrainer.*trl_plw.PLWTrainer.*loss_weights_consumer"):
+    with pytest.raises(ValueError, match=r"trl.SFTTrainer.*trl_plw.PLWTrainer.*loss_weights_applied"):
         Collator(pad_token_id=PAD, prompt_loss_weight=0.1)(examples)
-    with pytest.raises(ValueError, match="loss_weights_consumer"):
+    with pytest.raises(ValueError, match="loss_weights_applied"):
         Collator(pad_token_id=PAD)([{**examples[0], "weight": 0.5}])
     # 0/1 weights are safe without a consumer: the labels carry them
     Collator(pad_token_id=PAD, prompt_loss_weight=1.0)(examples)
     Collator(pad_token_id=PAD)([{**examples[0], "weight": 1}])
-    # A consumer (e.g. PLWTrainer, which sets it after construction) unlocks real-valued weights
+    # A consumer (e.g. PLWTrainer, which sets it on its copy) unlocks real-valued weights
     collator = Collator(pad_token_id=PAD, prompt_loss_weight=0.1)
-    collator.loss_weights_consumer = "PLWTrainer"
+    collator.loss_weights_applied = True
     assert collator(examples)["loss_weights"][0, 1].item() == pytest.approx(0.1)
 
 
+def test_deprecated_loss_weights_consumer_maps_to_the_typed_flag():
+    """The string handshake still works for one release, with a FutureWarning, as the bool it now is."""
+    examples = [{"input_ids": [1, 2, 3, 4], "completion_mask": [0, 0, 1, 1]}]
+    with pytest.warns(FutureWarning, match="loss_weights_applied=True"):
+        collator = Collator(pad_token_id=PAD, prompt_loss_weight=0.1, loss_weights_consumer="my_loop")
+    assert collator.loss_weights_applied is True
+    assert collator(examples)["loss_weights"][0, 1].item() == pytest.approx(0.1)
+    with pytest.warns(FutureWarning):
+        assert Collator(pad_token_id=PAD, loss_weights_consumer=None).loss_weights_applied is False
+    collator = Collator(pad_token_id=PAD)
+    with pytest.warns(FutureWarning):
+        collator.loss_weights_consumer = "PLWTrainer"
+    assert collator.loss_weights_applied is True
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="give one of them"):
+        Collator(pad_token_id=PAD, loss_weights_consumer="x", loss_weights_applied=False)
+
+
 def test_weights_follow_field_changes():
-    collator = Collator(pad_token_id=PAD, prompt_loss_weight=0.1, loss_weights_consumer="t")
+    collator = Collator(pad_token_id=PAD, prompt_loss_weight=0.1, loss_weights_applied=True)
     example = [{"input_ids": [1, 2, 3], "completion_mask": [0, 0, 1]}]
     assert collator(example)["loss_weights"][0, 1].item() == pytest.approx(0.1)
     collator.prompt_loss_weight = 0.7
@@ -630,13 +647,15 @@ def test_old_collator_keyword_and_positional_arguments(smollm2_tokenizer):
     assert_batches_equal(old_style(ids), new_style(ids))
     token_ids = Collator([5, 6], tokenizer=smollm2_tokenizer)  # a token-id template, positionally
     assert token_ids.response_template == [5, 6] and token_ids.pad_token_id == smollm2_tokenizer.pad_token_id
-    with pytest.raises(ValueError, match="mlm=True"):
+    with pytest.raises(ValueError, match="mlm=True is not supported: masked language modeling"):
         Collator(tokenizer=smollm2_tokenizer, mlm=True)
-    with pytest.raises(ValueError, match="ignore_index=-1: labels always use -100"):
+    with pytest.raises(ValueError, match="ignore_index=-1 is not supported: labels always use -100"):
         Collator(tokenizer=smollm2_tokenizer, ignore_index=-1)
-    with pytest.raises(ValueError, match="pad_token_id=1.5 must be an int"):
-        Collator(1.5)
-    with pytest.raises(ValueError, match="response_template"):
+    with pytest.raises(ValueError, match="return_tensors='np' is not supported"):
+        Collator(tokenizer=smollm2_tokenizer, return_tensors="np")
+    with pytest.raises(ValueError, match="response_template=1.5 must be text or a list of token ids"):
+        Collator(1.5, pad_token_id=PAD)
+    with pytest.raises(TypeError, match="response_template"):  # given twice: plain Python, no special case
         Collator("### Response:\n", tokenizer=smollm2_tokenizer, response_template="### Answer:\n")
     batch = Collator(tokenizer=smollm2_tokenizer, response_template="### Response:\n", return_position_ids=True)(ids)
     assert batch["position_ids"][0, :3].tolist() == [0, 1, 2] and "attention_mask" in batch
@@ -651,8 +670,37 @@ def test_constructor_errors_name_the_argument(smollm2_tokenizer):
         Collator(tokenizer=smollm2_tokenizer, response_template="### Response:", instruction_template="")
     with pytest.raises(ValueError, match=r"response_template=\[\]: The template token ids are empty"):
         Collator(pad_token_id=PAD, response_template=[])
-    with pytest.raises(ValueError, match="first positional argument.*tokenizer=tokenizer"):
+    with pytest.raises(ValueError, match="given as response_template. Pass the tokenizer by keyword"):
         Collator(smollm2_tokenizer)
+
+
+def test_fields_mean_what_they_say(smollm2_tokenizer):
+    """Issue 26: response_template is the first field (TRL's call is the signature, not a special case), pad_token_id
+    an int resolved from the tokenizer, and the refused legacy keywords are neither fields nor in the signature."""
+    import dataclasses
+    import inspect
+
+    names = [f.name for f in dataclasses.fields(Collator)]
+    assert names[:4] == ["response_template", "instruction_template", "tokenizer", "pad_token_id"]
+    assert not {"mlm", "ignore_index", "return_tensors", "loss_weights_consumer"} & set(names)
+    parameters = list(inspect.signature(Collator).parameters)
+    assert parameters[0] == "response_template" and "mlm" not in parameters and "ignore_index" not in parameters
+    collator = Collator("### Response:", tokenizer=smollm2_tokenizer)
+    assert isinstance(collator.pad_token_id, int) and collator.pad_token_id == smollm2_tokenizer.pad_token_id
+    assert not hasattr(collator, "mlm") and not hasattr(collator, "ignore_index")
+    assert dataclasses.replace(collator, prompt_loss_weight=0.5).response_template == "### Response:"
+
+
+def test_old_positional_pad_token_id_still_works_with_a_future_warning(smollm2_tokenizer):
+    """Until this release the first field was pad_token_id and the second tokenizer: Collator(0, tok) keeps its
+    meaning for one release."""
+    with pytest.warns(FutureWarning, match="first positional argument is now response_template"):
+        old = Collator(PAD, smollm2_tokenizer)
+    assert old.pad_token_id == PAD and old.tokenizer is smollm2_tokenizer and old.response_template is None
+    examples = [{"input_ids": [1, 2, 3], "completion_mask": [0, 1, 1]}]
+    assert_batches_equal(old(examples), Collator(pad_token_id=PAD, tokenizer=smollm2_tokenizer)(examples))
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="pad_token_id is given twice"):
+        Collator(PAD, pad_token_id=PAD)
 
 
 def test_non_integer_or_negative_token_ids_are_refused():

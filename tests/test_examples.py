@@ -89,7 +89,7 @@ def test_plain_pytorch_loop_accumulates_with_a_global_denominator(tiny_model_dir
 
     model = make_tiny_llama(vocab_size=len(smollm2_tokenizer)).double().train()
     collator = DataCollatorForWeightedCompletionLM(
-        tokenizer=smollm2_tokenizer, prompt_loss_weight=0.1, loss_weights_consumer="t"
+        tokenizer=smollm2_tokenizer, prompt_loss_weight=0.1, loss_weights_applied=True
     )
     examples = example.tokenized_examples(smollm2_tokenizer)[:4]
 

@@ -152,7 +152,7 @@ def test_e2e_runner_on_cpu(tmp_path, smollm2_model_path):
     out.mkdir()
     check = gpu_check.Check(out, dry_run=False, budget_s=300)
     check.report["env"] = {"device": "CPU (test)", "python": "3", "versions": {}}
-    cmd = [sys.executable, "-m", "trl_plw.experiments.benchmarking.throughput", "--device", "cpu", "--quick"]
+    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--device", "cpu", "--quick"]
     cmd += ["--models", "smollm2-135m-config", "--tokenizer", smollm2_model_path, "--trainers", "plw_padded"]
     cmd += ["--warmup", "0", "--steps", "1", "--max-length", "256", "--race-length", "60,90"]
     cmd += ["--tokens-per-step", "200", "--out", str(out / "e2e_throughput.json")]

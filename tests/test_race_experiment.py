@@ -26,13 +26,13 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
 def test_two_plw_mini_sweep_end_to_end(tiny_model_dir, tmp_path):
     preset = replace(
         PRESETS["cpu-demo"],
-        model=tiny_model_dir,
+        model_name_or_path=tiny_model_dir,
         train_examples=8,
         eval_examples=4,
         max_steps=4,
         eval_steps=2,
-        batch_size=2,
-        eval_batch_size=4,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=4,
         max_length=512,
         lora_r=4,
         plws=(1.0, 0.0),
@@ -71,14 +71,14 @@ def test_summary_picks_accuracy_at_each_loss_minimum():
 
 def test_paper_preset_matches_the_article():
     paper = PRESETS["paper"]
-    assert paper.model == "meta-llama/Llama-2-7b-chat-hf" and paper.dataset == "ehovy/race"
+    assert paper.model_name_or_path == "meta-llama/Llama-2-7b-chat-hf" and paper.dataset_name == "ehovy/race"
     assert (paper.lora_r, paper.lora_alpha, paper.lora_dropout) == (64, 64, 0.1)
-    assert (paper.learning_rate, paper.lr_scheduler_type, paper.warmup_ratio) == (2e-4, "constant_with_warmup", 0.05)
+    assert (paper.learning_rate, paper.lr_scheduler_type, paper.warmup_steps) == (2e-4, "constant_with_warmup", 0.05)
     assert (paper.weight_decay, paper.max_grad_norm, paper.max_length) == (0.001, 0.3, 2048)
     assert paper.packing and paper.plws == (1.0, 0.5, 0.2, 0.1, 0.01, 0.0)
     # the article's run_plw.py: 2,000 train / 500 validation packed rows (seed 1234), 10 epochs, eval every 20
     assert (paper.train_packed_rows, paper.eval_packed_rows, paper.subsample_seed) == (2000, 500, 1234)
-    assert (paper.num_train_epochs, paper.eval_steps, paper.batch_size) == (10, 20, 8)
+    assert (paper.num_train_epochs, paper.eval_steps, paper.per_device_train_batch_size) == (10, 20, 8)
     # no preset forces bf16: None = bf16 only where native (trl_plw.precision.default_bf16)
     assert all(p.bf16 is None for p in PRESETS.values()) and isinstance(PRESETS["cpu-demo"], RacePreset)
     assert len(PRESETS["cpu-demo"].plws) >= 3 and PRESETS["cpu-long"].plws == paper.plws
@@ -96,7 +96,7 @@ def test_llama2_memory_estimate_counts_lora_parameters():
     assert top_half["trainable_million"] == pytest.approx(159.9 / 2, abs=0.1)
     # Checkpointed: every layer's input is kept whatever is adapted; without it, only the adapted layers' activations.
     assert top_half["activations_gib"] == m["activations_gib"]
-    no_ckpt = replace(PRESETS["paper"], gradient_checkpointing=False)
+    no_ckpt = replace(PRESETS["paper"], activation_checkpointing=False)
     full, half = (memory_estimate(LLAMA2_7B_CONFIG, replace(no_ckpt, lora_last_layers=n)) for n in (None, 16))
     assert half["activations_gib"] == pytest.approx(full["activations_gib"] / 2)
     with pytest.raises(ValueError, match="lora_last_layers=33 must be between 1 and the model's 32 decoder layers"):

@@ -48,31 +48,31 @@ def test_sweep_cli_on_local_jsonl_end_to_end_and_resume(tiny_model_dir, tmp_path
     out = tmp_path / "out"
     common = [
         "sweep",
-        "--dataset",
+        "--dataset_name",
         str(data),
-        "--model",
+        "--model_name_or_path",
         tiny_model_dir,
-        "--max-steps",
+        "--max_steps",
         "2",
-        "--eval-steps",
+        "--eval_steps",
         "2",
-        "--eval-examples",
+        "--eval_examples",
         "4",
-        "--batch-size",
+        "--per_device_train_batch_size",
         "2",
-        "--eval-batch-size",
+        "--per_device_eval_batch_size",
         "4",
-        "--lora-r",
+        "--lora_r",
         "4",
-        "--max-length",
+        "--max_length",
         "128",
-        "--answer-tokens",
+        "--answer_tokens",
         "A",
         "B",
         "C",
         "D",
         "--no-bf16",
-        "--output-dir",
+        "--output_dir",
         str(out),
     ]
     assert main([*common, "--plw", "1", "0"]) == 0
@@ -126,10 +126,10 @@ def test_sweep_cli_on_local_jsonl_end_to_end_and_resume(tiny_model_dir, tmp_path
 
     # Resuming with other settings would mix two sweeps in one table: refused, naming the field and the fix.
     with pytest.raises(ValueError, match=r"attn_implementation: None -> 'eager'.*--no-resume"):
-        main([*common, "--plw", "1", "0", "--attn-implementation", "eager"])
+        main([*common, "--plw", "1", "0", "--attn_implementation", "eager"])
     # The override reaches the model.
     eager_out = tmp_path / "eager"
-    assert main([*common[:-1], str(eager_out), "--plw", "0", "--attn-implementation", "eager"]) == 0
+    assert main([*common[:-1], str(eager_out), "--plw", "0", "--attn_implementation", "eager"]) == 0
     assert _last(eager_out / "plw_0")["attn_implementation"] == "eager"
 
 
@@ -235,6 +235,6 @@ def test_sweep_config_sets_checkpointing_under_its_current_name(tmp_path, checkp
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        args = build_config(SweepConfig(gradient_checkpointing=checkpointing), 0.1, tmp_path)
+        args = build_config(SweepConfig(activation_checkpointing=checkpointing), 0.1, tmp_path)
     assert args.activation_checkpointing is checkpointing
     assert args.gradient_checkpointing is checkpointing  # the old name mirrors the new one for readers

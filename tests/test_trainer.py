@@ -498,14 +498,24 @@ def test_unsupported_combinations_raise(smollm2_tokenizer, tmp_path):
 
 
 def test_dataset_without_split_names_the_columns(smollm2_tokenizer, tmp_path):
+    """Plain text has no prompt: left unset, every token is trained (as SFTTrainer does); a prompt weight that
+    could only act on a prompt raises, naming the columns looked for and the fixes."""
     data = Dataset.from_list([{"text": "just some text without any structure"}] * 4)
-    with pytest.raises(ValueError, match=r"'prompt'\+'completion'.*'messages'.*response_template"):
+    with pytest.raises(ValueError, match=r"'prompt'\+'completion'.*'messages'.*response_template.*leave prompt_loss"):
         PLWTrainer(
             tiny(len(smollm2_tokenizer)),
-            args=PLWConfig(**common_args(output_dir=str(tmp_path))),
+            args=PLWConfig(**common_args(output_dir=str(tmp_path)), prompt_loss_weight=0.3),
             train_dataset=data,
             processing_class=smollm2_tokenizer,
         )
+    trainer = PLWTrainer(
+        tiny(len(smollm2_tokenizer)),
+        args=PLWConfig(**common_args(output_dir=str(tmp_path))),
+        train_dataset=data,
+        processing_class=smollm2_tokenizer,
+    )
+    batch = trainer.data_collator(first_rows(trainer.train_dataset, 1))
+    assert bool((batch["loss_weights"][0, 1:] == 1).all())
 
 
 def test_text_dataset_with_response_template(smollm2_tokenizer, tmp_path):
@@ -569,8 +579,9 @@ def test_messages_and_pretokenized_datasets(smollm2_tokenizer, tmp_path):
 
 
 def test_model_name_passes_through_and_picks_attention(monkeypatch, tmp_path, smollm2_tokenizer):
-    """A model given by name gets an attention backend chosen for the device (sdpa on CPU, also when packed); the
-    name goes to TRL unchanged: demo aliases are resolved by the CLI/examples, not by the trainer."""
+    """A model given by name gets an attention backend chosen for the device; on CPU (also when packed) that is
+    sdpa, which is transformers' own default, so it is left to the model class (GPT-OSS rejects sdpa and picks its
+    own). The name goes to TRL unchanged: demo aliases are resolved by the CLI/examples, not by the trainer."""
 
     def fail_resolve(name):
         raise AssertionError(f"the trainer resolved the model name {name!r}")
@@ -578,7 +589,10 @@ def test_model_name_passes_through_and_picks_attention(monkeypatch, tmp_path, sm
     monkeypatch.setattr("trl_plw.experiments.offline_model.resolve_model_path", fail_resolve)
     args = PLWConfig(**common_args(output_dir=str(tmp_path)), packing=True, max_length=64)
     assert PLWTrainer._prepare_model_name("smollm2-135m", args) == "smollm2-135m"
-    assert args.model_init_kwargs["attn_implementation"] == "sdpa"
+    assert "attn_implementation" not in args.model_init_kwargs
+    args = PLWConfig(**common_args(output_dir=str(tmp_path)), model_init_kwargs={"attn_implementation": "auto"})
+    PLWTrainer._prepare_model_name("x", args)
+    assert "attn_implementation" not in args.model_init_kwargs
     args = PLWConfig(**common_args(output_dir=str(tmp_path)), model_init_kwargs={"attn_implementation": "eager"})
     PLWTrainer._prepare_model_name("x", args)
     assert args.model_init_kwargs["attn_implementation"] == "eager"
@@ -618,7 +632,7 @@ def test_collator_template_drives_packed_training(smollm2_tokenizer, tmp_path, s
         processing_class=smollm2_tokenizer,
     )
     assert trainer.args.response_template == RESPONSE and trainer.args.prompt_loss_weight == 0.1
-    assert collator.loss_weights_consumer is None  # the user's object is left as given
+    assert collator.loss_weights_applied is False  # the user's object is left as given
     rows = list(trainer.train_dataset)
     assert len(rows) == 1 and sum(len(r["input_ids"]) for r in rows) > 100
     batch = trainer.data_collator(rows)
@@ -627,9 +641,7 @@ def test_collator_template_drives_packed_training(smollm2_tokenizer, tmp_path, s
 
     texts = [r["text"] + smollm2_tokenizer.eos_token for r in ALPACA_ROWS]
     examples = [smollm2_tokenizer(t)["input_ids"] for t in texts]
-    reference_batch = alpaca_collator(smollm2_tokenizer, prompt_loss_weight=0.1, loss_weights_consumer="test")(
-        examples
-    )
+    reference_batch = alpaca_collator(smollm2_tokenizer, prompt_loss_weight=0.1, loss_weights_applied=True)(examples)
     if strategy == "wrapped":
         # One row without document boundaries (attention spans documents, by design of "wrapped"): the weights are
         # the collator's everywhere except at document starts, which only the unpacked reference masks.

@@ -521,3 +521,33 @@ def test_global_normalizer_over_micro_batches_equals_one_batch():
     assert abs(total - ref.item()) <= 1e-12 * abs(ref.item())
     for a, b_ in zip(parts, whole, strict=True):
         assert rel_err(a.grad, b_.grad) <= 1e-12
+
+
+def test_signature_written_once_and_checks_split_by_concern():
+    """The op's parameter list exists once: no function in trl_plw.ops takes it on (a forwarding layer would repeat
+    at least half of it), the tuning knobs live only in KernelOptions, and each input check is a short function
+    with few positional parameters (one concern each, not one long list of everything)."""
+    import inspect
+
+    import trl_plw.ops._eager
+    import trl_plw.ops._fused
+
+    public = inspect.signature(_OP).parameters
+    math_names = {name for name, p in public.items() if p.kind is not p.VAR_KEYWORD}
+    assert math_names.isdisjoint(OPTION_NAMES) and "options" in math_names
+    for module in (wlc, trl_plw.ops._eager, trl_plw.ops._fused):
+        for name, fn in inspect.getmembers(module, inspect.isfunction):
+            if fn is _OP or fn.__module__ != module.__name__:
+                continue
+            shared = math_names & set(inspect.signature(fn).parameters)
+            assert len(shared) < len(math_names) / 2, f"{module.__name__}.{name} repeats the op's signature: {shared}"
+    checks = [fn for name, fn in inspect.getmembers(wlc, inspect.isfunction) if name.startswith("_check")]
+    assert len(checks) >= 4
+    for fn in checks:
+        positional = [
+            p
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        assert len(positional) <= 5, f"{fn.__name__} takes {len(positional)} positional parameters"
+        assert len(inspect.getsource(fn).splitlines()) <= 40, f"{fn.__name__} is longer than 40 lines"

@@ -23,6 +23,11 @@ _EXPORTS = {
     "select_attn_implementation": "trl_plw.attention",
     "VARLEN_ATTENTION": "trl_plw.attention",
     "prompt_weight_at": "trl_plw.schedules",
+}
+
+# Names that were public by mistake and stay importable for one release, with a FutureWarning: the offline demo
+# model's loaders belong to the experiments, not to the training API (a trainer takes any transformers model).
+_DEPRECATED = {
     "load_model": "trl_plw.experiments.offline_model",
     "load_tokenizer": "trl_plw.experiments.offline_model",
     "load_model_and_tokenizer": "trl_plw.experiments.offline_model",
@@ -38,9 +43,6 @@ __all__ = [
     "TokenStats",
     "VARLEN_ATTENTION",
     "__version__",
-    "load_model",
-    "load_model_and_tokenizer",
-    "load_tokenizer",
     "prompt_weight_at",
     "select_attn_implementation",
     "weighted_linear_cross_entropy",
@@ -49,7 +51,6 @@ __all__ = [
 if TYPE_CHECKING:
     from trl_plw.attention import VARLEN_ATTENTION, select_attn_implementation
     from trl_plw.collator import DataCollatorForWeightedCompletionLM
-    from trl_plw.experiments.offline_model import load_model, load_model_and_tokenizer, load_tokenizer
     from trl_plw.ops import KernelOptions, TokenStats, weighted_linear_cross_entropy
     from trl_plw.roles import RoleWeights
     from trl_plw.schedules import prompt_weight_at
@@ -61,6 +62,17 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value  # later look-ups skip __getattr__
         return value
+    if name in _DEPRECATED:
+        import warnings
+
+        warnings.warn(
+            f"trl_plw.{name} is deprecated and will be removed in the next release: it loads the offline demo model "
+            f"and is not part of the training API. Import it from {_DEPRECATED[name]}, or load any model with "
+            "transformers (AutoModelForCausalLM.from_pretrained).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_DEPRECATED[name]), name)
     raise AttributeError(f"module 'trl_plw' has no attribute {name!r}")
 
 

@@ -550,9 +550,9 @@ def check_attn_implementation(name: str, device: str | torch.device | None = Non
     elif name in (SDPA, EAGER):
         return
     else:
-        from transformers import AttentionInterface
+        from trl_plw._compat import attention_backend_registered
 
-        if name in AttentionInterface._global_mapping or "/" in name:
+        if attention_backend_registered(name) or "/" in name:
             return  # another registered implementation or a Hub kernel: transformers checks it
         raise AttentionBackendError(
             f"unknown attn_implementation {name!r}; choose '{AUTO}' or one of {', '.join(KNOWN_BACKENDS)}."

@@ -9,12 +9,13 @@ aligned through padding, padding-free flattening and BFD packing. See docs/COLLA
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -31,8 +32,30 @@ from trl_plw.roles import (
     check_weight,
     first_source,
 )
+from trl_plw.spans import SpanRule, check_span_rules, resolve_span_rules, span_multipliers, token_span_bits
 
 __all__ = ["DataCollatorForWeightedCompletionLM"]
+
+_CONSUMER_DEPRECATION = (
+    "loss_weights_consumer is deprecated and will be removed in 0.3: use loss_weights_applied=True (a bool: the loop "
+    "consuming the batches applies `loss_weights` to the loss)."
+)
+# Keywords of TRL's DataCollatorForCompletionOnlyLM (and DataCollatorForLanguageModeling) that this collator accepts
+# with their only meaningful value, so old calls keep working, without making them fields: value -> why others fail.
+_LEGACY_KEYWORDS = {
+    "mlm": (
+        False,
+        "masked language modeling is not supported: this collator weights a causal LM's next-token loss, like the "
+        "DataCollatorForCompletionOnlyLM it replaces. Drop mlm or pass mlm=False.",
+    ),
+    "ignore_index": (
+        -100,
+        "labels always use -100, the index PyTorch's cross-entropy, transformers and TRL skip (the weights, not the "
+        "labels, carry the policy here). Drop ignore_index.",
+    ),
+    "return_tensors": ("pt", "only 'pt' (PyTorch tensors) is supported. Drop return_tensors."),
+}
+_UNSET = object()
 
 _IGNORE = int(Role.IGNORE)
 _COMPLETION = int(Role.COMPLETION)
@@ -70,11 +93,8 @@ def _sequence_length(value: Any) -> int | None:
     return None
 
 
-def _is_template(value: Any) -> bool:
-    """A text template or a (non-empty) list of token ids, as opposed to a pad token id or a tokenizer."""
-    return isinstance(value, str) or (
-        isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, int) for v in value)
-    )
+def _is_tokenizer(value: Any) -> bool:
+    return hasattr(value, "pad_token_id") and callable(value)
 
 
 def _as_example(example: Any, index: int) -> Mapping[str, Any]:
@@ -154,8 +174,9 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
     5. ``response_template`` / ``instruction_template`` matched in ``input_ids`` (like TRL's removed
        ``DataCollatorForCompletionOnlyLM``, robust to context-dependent tokenization, per document in packed rows).
 
-    Then the example weight (``example[example_weight_column]``, a scalar or one value per token) multiplies the
-    weights, labels of -100 in an example's ``labels`` mark tokens as ``IGNORE`` (weight 0, never scored), and the
+    Then the example weight (``example[example_weight_column]``, a scalar or one value per token), the per-message
+    weights (``message_weights``, see `trl_plw.message_weights`) and the span weights (``span_weights``, see
+    `trl_plw.spans`) multiply the weights, labels of -100 in an example's ``labels`` mark tokens as ``IGNORE`` (weight 0, never scored), and the
     first token of every sequence (every document of a packed row) gets weight 0: it has no prediction inside its
     sequence.
 
@@ -176,39 +197,43 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
       position 0, so each forms its own one-token document). Flash-attention varlen needs padding-free batches.
 
     Args:
-        pad_token_id: token id used for padding; defaults to ``tokenizer.pad_token_id``.
-        tokenizer: needed for string templates; gives the pad id when ``pad_token_id`` is None.
         response_template: text (or token ids) that precedes every completion, e.g. ``"### Response:"`` or
             ``"<|im_start|>assistant\\n"``. Used only for examples without a per-token source.
         instruction_template: text (or token ids) that starts every prompt turn, e.g. ``"<|im_start|>user\\n"``;
             with it, every assistant span of a multi-turn text is completion. Without it, everything after the LAST
             response template is completion.
+        tokenizer: needed for string templates and ``span_weights``; gives the pad id when ``pad_token_id`` is None.
+        pad_token_id: token id used for padding; defaults to ``tokenizer.pad_token_id``.
         prompt_loss_weight: weight of prompt-side tokens. Defaults to 0.0, so the default collator is a drop-in
             replacement for the old completion-only collator.
         completion_loss_weight: weight of completion tokens.
         role_weights: per-role weights overriding the two above, keys among ``prompt``, ``completion`` (alias
             ``assistant``), ``system``, ``user``, ``tool``, ``template`` (e.g. ``{"template": 0.0}``).
         example_weight_column: key of the optional per-example (scalar) or per-token (list) weight multiplier.
-        padding_free: flatten the batch into one row (for flash-attention varlen and packing).
+        span_weights: span rules (`trl_plw.spans.resolve_span_rules`): a preset chain such as ``"react+think=0.5"``,
+            a mapping ``{regex: weight}``, or a list of them. Tokens a rule's match covers get their weight
+            multiplied; examples with a ``token_spans`` column (from PLWTrainer's dataset preparation) use it, others
+            are matched here on the decoded tokens. Batches then carry ``token_spans`` (int64 bit masks).        padding_free: flatten the batch into one row (for flash-attention varlen and packing).
         return_position_ids: also return position ids in padded mode.
         pad_to_multiple_of: pad the sequence length (the flattened length when padding-free) to a multiple.
         allow_negative_weights: accept negative weights (unlikelihood-style); rejected otherwise.
         on_missing_template: ``"raise"`` (default) when an example (or packed document) relying on templates has
             no response template, or ``"ignore"``: give it weight 0, count it in ``num_missing_template``, and warn
             with the running count (at the 1st, 2nd, 4th, 8th, ... occurrence). The prompt is never trained instead.
-        loss_weights_consumer: name of the component that applies ``loss_weights``. While it is None, a batch with
-            any weight other than 0 and 1 raises: plain ``trl.SFTTrainer`` ignores ``loss_weights`` and would train
-            on the 0/1 labels only. ``trl_plw.PLWTrainer`` sets it; a custom loop or SFTTrainer subclass that applies
-            the weights itself should set it to any name. 0/1 weights are always safe: the labels carry them.
-        return_tensors: only ``"pt"``.
-        mlm: accepted for the old collator's signature; only ``False`` (causal LM) is supported.
-        ignore_index: accepted for the old collator's signature; labels always use -100 (the value PyTorch's
-            cross-entropy, transformers and TRL skip), so any other value is refused.
+        loss_weights_applied: whether the loop consuming the batches applies ``loss_weights`` to the loss. While it
+            is False, a batch with any weight other than 0 and 1 raises: plain ``trl.SFTTrainer`` ignores
+            ``loss_weights`` and would train on the 0/1 labels only. ``trl_plw.PLWTrainer`` sets it on its copy; a
+            custom loop or SFTTrainer subclass that applies the weights itself passes True. 0/1 weights are always
+            safe: the labels carry them. (Replaces the string ``loss_weights_consumer``, still accepted with a
+            FutureWarning until 0.3.)
+
+    TRL's old keywords ``mlm=False``, ``ignore_index=-100`` and ``return_tensors="pt"`` are accepted and dropped (any
+    other value raises, saying why); they are not fields.
 
     Migrating from TRL's ``DataCollatorForCompletionOnlyLM``: the same call works,
-    ``DataCollatorForWeightedCompletionLM(response_template, tokenizer=tokenizer)`` (a template as the first
-    positional argument is read as ``response_template``, as it was there; give ``instruction_template`` by
-    keyword), with ``mlm=False``,
+    ``DataCollatorForWeightedCompletionLM(response_template, tokenizer=tokenizer)`` (the first
+    positional argument is ``response_template`` and the second ``instruction_template``, as there), with
+    ``mlm=False``,
     ``ignore_index=-100``, ``padding_free`` and ``return_position_ids`` meaning what they meant. Examples may be
     bare sequences of token ids (``collator([[1, 2, 3]])``) or tokenizer outputs with an ``attention_mask``: tokens
     whose mask is 0 are padding and are removed before collation (with every per-token column), so the batch is
@@ -220,7 +245,7 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
     Examples:
     ```python
     >>> from trl_plw.collator import DataCollatorForWeightedCompletionLM
-    >>> collator = DataCollatorForWeightedCompletionLM(pad_token_id=0, prompt_loss_weight=0.5, loss_weights_consumer="me")
+    >>> collator = DataCollatorForWeightedCompletionLM(pad_token_id=0, prompt_loss_weight=0.5, loss_weights_applied=True)
     >>> examples = [
     ...     {"input_ids": [1, 2, 3, 4], "completion_mask": [0, 0, 1, 1]},
     ...     {"input_ids": [5, 6, 7], "completion_mask": [0, 1, 1], "weight": 2.0},
@@ -243,7 +268,7 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
             [1, 1, 1, 0]])
 
     >>> # Padding-free: one row, position ids and varlen boundaries instead of an attention mask
-    >>> collator = DataCollatorForWeightedCompletionLM(pad_token_id=0, padding_free=True, loss_weights_consumer="me")
+    >>> collator = DataCollatorForWeightedCompletionLM(pad_token_id=0, padding_free=True, loss_weights_applied=True)
     >>> batch = collator(examples)
     >>> batch["labels"], batch["position_ids"]
     (tensor([[-100, -100,    3,    4, -100,    6,    7]]), tensor([[0, 1, 2, 3, 0, 1, 2]]))
@@ -263,38 +288,27 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
     ```
     """
 
-    pad_token_id: int | None = None
-    tokenizer: PreTrainedTokenizerBase | None = None
     response_template: str | list[int] | None = None
     instruction_template: str | list[int] | None = None
+    tokenizer: PreTrainedTokenizerBase | None = None
+    pad_token_id: int | None = None
     prompt_loss_weight: float = 0.0
     completion_loss_weight: float = 1.0
     role_weights: dict[str, float] | None = None
     example_weight_column: str = "weight"
+    span_weights: str | dict | list | None = None
     padding_free: bool = False
     return_position_ids: bool = False
     pad_to_multiple_of: int | None = None
     allow_negative_weights: bool = False
     on_missing_template: Literal["raise", "ignore"] = "raise"
-    loss_weights_consumer: str | None = None
-    return_tensors: str = "pt"
-    mlm: bool = False
-    ignore_index: int = -100
+    loss_weights_applied: bool = False
+
+    # DataCollatorMixin.__call__ reads it; a class constant, not a field: only PyTorch tensors are produced.
+    return_tensors: ClassVar[str] = "pt"
 
     def __post_init__(self) -> None:
         self._accept_old_positional_arguments()
-        if self.mlm:
-            raise ValueError(
-                "mlm=True (masked language modeling) is not supported: this collator weights a causal LM's next-token "
-                "loss, like the DataCollatorForCompletionOnlyLM it replaces. Drop mlm or set mlm=False."
-            )
-        if self.ignore_index != -100:
-            raise ValueError(
-                f"ignore_index={self.ignore_index!r}: labels always use -100, the index PyTorch's cross-entropy, "
-                "transformers and TRL skip (and the weights, not the labels, carry the policy here). Drop ignore_index."
-            )
-        if self.return_tensors != "pt":
-            raise ValueError(f"return_tensors={self.return_tensors!r}: only 'pt' is supported.")
         if self.on_missing_template not in ("raise", "ignore"):
             raise ValueError(f"on_missing_template={self.on_missing_template!r}: use 'raise' or 'ignore'.")
         if self.pad_to_multiple_of is not None and (
@@ -326,31 +340,64 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
             self._matcher = TemplateMatcher(self.tokenizer, self.response_template, self.instruction_template)
         self.num_missing_template = 0
         self._resolve_role_weights()  # invalid weights raise at construction, not at the first batch
+        self._span_rules = resolve_span_rules(self.span_weights)
+        check_span_rules(self._span_rules, self.allow_negative_weights, "allow_negative_weights=True on the collator")
+        if self._span_rules and self.tokenizer is None:
+            raise ValueError(
+                "span_weights needs the tokenizer (to map the regular expressions' matches to tokens): pass tokenizer=."
+            )
 
     def _accept_old_positional_arguments(self) -> None:
-        """``DataCollatorForCompletionOnlyLM(response_template, tokenizer=tokenizer)`` took the response template as
-        its first positional argument; here the first field is ``pad_token_id``. A template (text or token ids) there
-        is moved to ``response_template``, so the old call keeps its meaning. (The old second positional argument,
-        ``instruction_template``, cannot be told apart from ``tokenizer``: pass it by keyword.)"""
-        if _is_template(self.pad_token_id):
-            if self.response_template is not None:
-                raise ValueError(
-                    f"pad_token_id={self.pad_token_id!r} looks like a response template, but response_template="
-                    f"{self.response_template!r} is set too. Pass pad_token_id as an int (or leave it unset)."
-                )
-            self.response_template, self.pad_token_id = self.pad_token_id, None
-        elif isinstance(self.pad_token_id, np.integer):
-            self.pad_token_id = int(self.pad_token_id)
-        elif hasattr(self.pad_token_id, "pad_token_id") and callable(self.pad_token_id):
-            raise ValueError(
-                f"A {type(self.pad_token_id).__name__} was given as the first positional argument, which is "
-                "pad_token_id (or, as in TRL's old collator, the response template). Pass the tokenizer by keyword: "
-                "DataCollatorForWeightedCompletionLM(tokenizer=tokenizer, response_template=...)."
+        """The first field is ``response_template`` (as in TRL's ``DataCollatorForCompletionOnlyLM``). Until 0.2 the
+        first field was ``pad_token_id`` (and the second ``tokenizer``): an int in first place is still read as the pad
+        id, with a FutureWarning."""
+        if isinstance(self.response_template, (int, np.integer)) and not isinstance(self.response_template, bool):
+            warnings.warn(
+                f"DataCollatorForWeightedCompletionLM({self.response_template!r}, ...): the first positional argument "
+                "is now response_template; an int there is read as pad_token_id for one more release. Pass "
+                "pad_token_id= (and tokenizer=) by keyword.",
+                FutureWarning,
+                stacklevel=4,
             )
-        elif self.pad_token_id is not None and (
+            if self.pad_token_id is not None:
+                raise ValueError(
+                    f"pad_token_id is given twice: {self.response_template!r} (first positional) and "
+                    f"pad_token_id={self.pad_token_id!r}."
+                )
+            self.pad_token_id, self.response_template = int(self.response_template), None
+            if self.tokenizer is None and _is_tokenizer(self.instruction_template):  # old 2nd positional: tokenizer
+                self.tokenizer, self.instruction_template = self.instruction_template, None
+        for name in ("response_template", "instruction_template"):
+            value = getattr(self, name)
+            if _is_tokenizer(value):
+                raise ValueError(
+                    f"A {type(value).__name__} was given as {name}. Pass the tokenizer by keyword: "
+                    "DataCollatorForWeightedCompletionLM(response_template, tokenizer=tokenizer)."
+                )
+            if value is not None and not isinstance(value, (str, list, tuple)):
+                raise ValueError(f"{name}={value!r} must be text or a list of token ids (or None).")
+        if isinstance(self.pad_token_id, np.integer):
+            self.pad_token_id = int(self.pad_token_id)
+        if self.pad_token_id is not None and (
             isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int)
         ):
             raise ValueError(f"pad_token_id={self.pad_token_id!r} must be an int token id (or None).")
+
+    @property
+    def loss_weights_consumer(self) -> str | None:
+        """Deprecated: read ``loss_weights_applied`` instead (True here reads as ``"set"``)."""
+        warnings.warn(_CONSUMER_DEPRECATION, FutureWarning, stacklevel=2)
+        return "set" if self.loss_weights_applied else None
+
+    @loss_weights_consumer.setter
+    def loss_weights_consumer(self, value: str | None) -> None:
+        warnings.warn(_CONSUMER_DEPRECATION, FutureWarning, stacklevel=2)
+        self.loss_weights_applied = value is not None
+
+    @property
+    def span_rules(self) -> tuple[SpanRule, ...]:
+        """The `trl_plw.spans.SpanRule` objects ``span_weights`` stands for (bit ``i`` of ``token_spans`` is rule i)."""
+        return self._span_rules
 
     @property
     def template_matcher(self) -> TemplateMatcher | None:
@@ -516,7 +563,38 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
             if ignored.any():
                 roles = roles.masked_fill(ignored, _IGNORE)
         token_scale, scale = self._example_scale(i, example.get(self.example_weight_column), n)
-        return _Example(ids, roles, docs, packed, weights, token_scale, scale)
+        multiplier, spans = self._multipliers(i, example, ids, roles, docs)
+        return _Example(ids, roles, docs, packed, weights, token_scale, scale, multiplier, spans)
+
+    def _multipliers(
+        self, i: int, example: Mapping[str, Any], ids: torch.Tensor, roles: torch.Tensor, docs: list[int]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per-token product of the message weights and the span weights (None when both are 1), and the span bits.
+
+        ``token_spans`` from dataset preparation is used as given; without it, the span rules are matched here on
+        the decoded tokens (each document of a packed row on its own)."""
+        n = ids.numel()
+        multiplier = None
+        if example.get("message_weights") is not None:
+            multiplier = _tensor(example["message_weights"], torch.float32, "message_weights", i)
+            _check_length(multiplier, n, "message_weights", i)
+            _check_values(multiplier, "message_weights", i, self.allow_negative_weights)
+        rules = self._span_rules
+        if example.get("token_spans") is not None:
+            spans = _tensor(example["token_spans"], torch.int64, "token_spans", i)
+            _check_length(spans, n, "token_spans", i)
+            if n and (spans.min() < 0 or (spans >> len(rules)).any()):
+                raise ValueError(
+                    f"Example {i}: `token_spans` marks span rules beyond the collator's {len(rules)} (span_weights="
+                    f"{self.span_weights!r}); it was built with other span rules. Prepare the dataset with the same "
+                    "span_weights, or drop the column."
+                )
+        elif rules:
+            spans = torch.from_numpy(token_span_bits(self.tokenizer, ids, roles, rules, docs))
+        else:
+            return multiplier, None
+        scale = span_multipliers(spans, rules)
+        return (scale if multiplier is None else multiplier * scale), spans
 
     def _example_scale(self, i: int, scale: Any, n: int) -> tuple[torch.Tensor | None, float]:
         """The example weight as (per-token multiplier or None, scalar multiplier)."""
@@ -558,6 +636,8 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
                 weights[start:end] = p.weights
             if p.token_scale is not None:
                 weights[start:end] *= p.token_scale
+            if p.multiplier is not None:
+                weights[start:end] *= p.multiplier
             if p.scale != 1.0:
                 weights[start:end] *= p.scale
 
@@ -566,13 +646,13 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
         weights = weights.masked_fill(dropped, 0.0)
         if not torch.isfinite(weights).all():  # e.g. a huge example weight times a huge role weight
             raise ValueError("The combined loss_weights overflowed to a non-finite value; use smaller weights.")
-        if self.loss_weights_consumer is None and ((weights != 0) & (weights != 1)).any():
+        if not self.loss_weights_applied and ((weights != 0) & (weights != 1)).any():
             raise ValueError(
-                "This batch has loss weights other than 0 and 1, but the collator's loss_weights_consumer is None. "
+                "This batch has loss weights other than 0 and 1, but the collator's loss_weights_applied is False. "
                 "trl.SFTTrainer ignores the `loss_weights` key and would train with 0/1 weights (the -100 labels), "
                 "silently dropping the real-valued weighting. Train with trl_plw.PLWTrainer (it sets "
-                "loss_weights_consumer='PLWTrainer'); a custom loop or SFTTrainer subclass that applies "
-                "`loss_weights` itself should set loss_weights_consumer to any name."
+                "loss_weights_applied=True on its copy); a custom loop or SFTTrainer subclass that applies "
+                "`loss_weights` itself should pass loss_weights_applied=True."
             )
         values = {
             "input_ids": (input_ids, self.pad_token_id),
@@ -581,6 +661,10 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
             "completion_mask": ((roles == _COMPLETION) & ~dropped, False),
             "prompt_mask": ((roles != _COMPLETION) & ~dropped, False),
         }
+        if self._span_rules:  # which rules cover each token, for the per-span metrics
+            zeros = torch.zeros(0, dtype=torch.int64)
+            spans = torch.cat([zeros if p.spans is None else p.spans for p in parsed])
+            values["token_spans"] = (spans, 0)
         return _Flat(values, positions)
 
     def _width(self, length: int) -> int:
@@ -627,6 +711,33 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
         return output
 
 
+_dataclass_init = DataCollatorForWeightedCompletionLM.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_with_legacy_keywords(self, *args, loss_weights_consumer: Any = _UNSET, **kwargs) -> None:
+    """The dataclass ``__init__``, also taking TRL's old keywords (``mlm``, ``ignore_index``, ``return_tensors``,
+    checked and dropped) and the deprecated ``loss_weights_consumer`` (mapped onto ``loss_weights_applied``).
+
+    Wrapping ``__init__`` rather than declaring fields (or InitVars) keeps them out of the signature that
+    ``inspect.signature`` shows (functools.wraps points it at the dataclass one), out of `dataclasses.fields`,
+    ``replace`` and ``repr``, and off the object: nothing reads them, so nothing should pretend to hold them."""
+    for name, (accepted, why) in _LEGACY_KEYWORDS.items():
+        value = kwargs.pop(name, accepted)
+        if value != accepted:
+            raise ValueError(f"{name}={value!r} is not supported: {why}")
+    if loss_weights_consumer is not _UNSET:
+        warnings.warn(_CONSUMER_DEPRECATION, FutureWarning, stacklevel=2)
+        if loss_weights_consumer is not None:
+            if kwargs.get("loss_weights_applied") is False:
+                raise ValueError("loss_weights_consumer is set but loss_weights_applied=False; give one of them.")
+            kwargs["loss_weights_applied"] = True
+    _dataclass_init(self, *args, **kwargs)
+
+
+DataCollatorForWeightedCompletionLM.__init__ = _init_with_legacy_keywords
+
+
 class _Example(NamedTuple):
     """One validated example, as `DataCollatorForWeightedCompletionLM._read_example` returns it."""
 
@@ -637,6 +748,8 @@ class _Example(NamedTuple):
     weights: torch.Tensor | None  # explicit float32 `loss_weights`, replacing the role weights
     token_scale: torch.Tensor | None  # per-token example weight
     scale: float  # scalar example weight
+    multiplier: torch.Tensor | None  # per-token message weight x span weights
+    spans: torch.Tensor | None  # int64 bit mask of the span rules covering each token
 
 
 class _Flat(NamedTuple):

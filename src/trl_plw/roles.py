@@ -33,7 +33,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ __all__ = [
     "ROLE_SOURCE_COLUMNS",
     "WEIGHT_SOURCE_COLUMNS",
     "PER_TOKEN_COLUMNS",
+    "MULTIPLIER_COLUMNS",
     "first_source",
     "has_completion",
 ]
@@ -121,7 +122,11 @@ WEIGHT_SOURCE_COLUMNS = ("loss_weights", *ROLE_SOURCE_COLUMNS)
 """Per-token columns an example's weights come from, in order of precedence: explicit weights first, then
 `ROLE_SOURCE_COLUMNS` (response/instruction templates are the fallback when an example has none of them)."""
 
-PER_TOKEN_COLUMNS = ("input_ids", "labels", *WEIGHT_SOURCE_COLUMNS)
+MULTIPLIER_COLUMNS = ("message_weights", "token_spans")
+"""Per-token columns that multiply whatever weight the source gives: per-message weights (floats) and the bit mask
+of the span rules covering each token (`trl_plw.message_weights`, `trl_plw.spans`)."""
+
+PER_TOKEN_COLUMNS = ("input_ids", "labels", *WEIGHT_SOURCE_COLUMNS, *MULTIPLIER_COLUMNS)
 """Every column with one value per token: truncated and packed together with ``input_ids``, kept aligned."""
 
 
@@ -773,9 +778,28 @@ def _token_roles_from_chars(char_roles: np.ndarray, offsets: np.ndarray) -> np.n
     return _BY_PRIORITY[best]
 
 
+class _Conversation(NamedTuple):
+    """A tokenized conversation: ids, roles, and the characters each message owns (its content, and for every role
+    the end-of-turn token after it), which per-message weights (`trl_plw.message_weights`) multiply."""
+
+    input_ids: list[int]
+    roles: np.ndarray
+    offsets: np.ndarray  # [n, 2] character range of each token
+    message_chars: list[list[tuple[int, int]]]
+
+
+def _end_of_turn(ids: np.ndarray, offsets: np.ndarray, special: np.ndarray, after: int, turn_end: int) -> int | None:
+    """Character end of the first special token (the end-of-turn token) starting in ``[after, turn_end)``."""
+    token_starts = offsets[:, 0]
+    first = int(np.searchsorted(token_starts, after, side="left"))
+    last = int(np.searchsorted(token_starts, turn_end, side="left"))
+    is_special = np.isin(ids[first:last], special)
+    return int(offsets[first + int(np.argmax(is_special)), 1]) if is_special.any() else None
+
+
 def _analyse_conversation(
     tokenizer: Any, messages: Sequence[Mapping[str, Any]], kwargs: dict[str, Any]
-) -> tuple[list[int], np.ndarray]:
+) -> _Conversation:
     if not messages:
         raise ValueError("tokenize_messages got an empty list of messages.")
     full = _render(tokenizer, messages, False, kwargs)
@@ -801,7 +825,8 @@ def _analyse_conversation(
     bounds.append(len(full))
 
     char_roles = np.full(len(full), Role.TEMPLATE, dtype=np.int8)
-    assistant_spans = []  # (completion start, content end, turn end) in characters
+    assistant_spans = []  # (completion start, content end, turn end, message index) in characters
+    other_spans = []  # (content spans, turn end, message index) of the other messages
     for i, message in enumerate(messages):
         lo, hi = bounds[i], bounds[i + 1]
         code = message_role_code(message.get("role", ""))
@@ -816,6 +841,7 @@ def _analyse_conversation(
                 spans = [(lo, hi)]
             for s, e in spans:
                 char_roles[s:e] = code
+            other_spans.append((spans, hi, i))
             continue
         # Assistant turn: the completion starts right after the generation prompt when the template renders it
         # prefix-consistently (as in TRL's prompt-completion split), otherwise at the content.
@@ -844,7 +870,7 @@ def _analyse_conversation(
                 # Empty assistant message (e.g. tool calls only): the whole turn is what the model generates.
                 start = lo
         content_end = spans[-1][1] if spans else None
-        assistant_spans.append((start, content_end, hi))
+        assistant_spans.append((start, content_end, hi, i))
 
     try:
         encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -856,25 +882,20 @@ def _analyse_conversation(
         ) from exc
     input_ids = list(encoding["input_ids"])
     offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    if assistant_spans:
-        special = _special_token_ids(tokenizer)
-        token_starts = offsets[:, 0]
-        ids = np.asarray(input_ids, dtype=np.int64)
-        for start, content_end, turn_end in assistant_spans:
-            after = start if content_end is None else content_end
-            first = int(np.searchsorted(token_starts, after, side="left"))
-            last = int(np.searchsorted(token_starts, turn_end, side="left"))
-            is_special = np.isin(ids[first:last], special)
-            if is_special.any():
-                # Up to and including the end-of-turn token, so the model learns to stop.
-                end = int(offsets[first + int(np.argmax(is_special)), 1])
-            elif content_end is None:
-                end = turn_end
-            else:
-                end = content_end
-            char_roles[start:end] = Role.COMPLETION
+    special = _special_token_ids(tokenizer)
+    ids = np.asarray(input_ids, dtype=np.int64)
+    message_chars: list[list[tuple[int, int]]] = [[] for _ in messages]
+    for start, content_end, turn_end, i in assistant_spans:
+        end = _end_of_turn(ids, offsets, special, start if content_end is None else content_end, turn_end)
+        if end is None:  # no end-of-turn token: the completion ends with the content (or the turn)
+            end = turn_end if content_end is None else content_end
+        char_roles[start:end] = Role.COMPLETION  # up to and including the end-of-turn token: the model learns to stop
+        message_chars[i] = [(start, end)]
+    for spans, turn_end, i in other_spans:
+        eot = _end_of_turn(ids, offsets, special, spans[-1][1], turn_end) if spans else None
+        message_chars[i] = list(spans) + ([(spans[-1][1], eot)] if eot is not None else [])
     roles = _token_roles_from_chars(char_roles, offsets) if len(full) else np.zeros(0, dtype=np.int8)
-    return input_ids, roles
+    return _Conversation(input_ids, roles, offsets, message_chars)
 
 
 def _chat_kwargs(chat_template: str | None, tools: Any, chat_template_kwargs: Mapping[str, Any] | None) -> dict:
@@ -891,7 +912,9 @@ def tokenize_messages(
     chat_template: str | None = None,
     tools: Any = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
-) -> dict[str, list[int]]:
+    message_weight_key: str | None = None,
+    allow_negative_weights: bool = False,
+) -> dict[str, list]:
     """Tokenize a conversation with its chat template and give every token a role.
 
     The ids are exactly ``tokenizer.apply_chat_template(messages, tokenize=True)``'s. Roles come from character
@@ -905,12 +928,27 @@ def tokenize_messages(
     Raises `TemplateNotPrefixConsistentError` (a ValueError) if the template does not render conversation prefixes
     as text prefixes of the whole conversation (then characters cannot be attributed to messages).
 
+    With ``message_weight_key`` (e.g. ``"weight"``, which also reads ms-swift's ``"loss"``), the result also has
+    ``message_weights``: per token, the weight of the message that owns it (1 elsewhere); see
+    `trl_plw.message_weights`.
+
     Returns:
-        ``{"input_ids": list[int], "token_roles": list[int]}``.
+        ``{"input_ids": list[int], "token_roles": list[int]}`` (and ``"message_weights": list[float]``).
     """
     kwargs = _chat_kwargs(chat_template, tools, chat_template_kwargs)
-    input_ids, roles = _analyse_conversation(tokenizer, messages, kwargs)
-    return {"input_ids": input_ids, "token_roles": roles.tolist()}
+    conversation = _analyse_conversation(tokenizer, messages, kwargs)
+    out = {"input_ids": conversation.input_ids, "token_roles": conversation.roles.tolist()}
+    if message_weight_key is not None:
+        out["message_weights"] = _message_weights(messages, conversation, message_weight_key, allow_negative_weights)
+    return out
+
+
+def _message_weights(messages, conversation: _Conversation, key: str, allow_negative: bool) -> list[float]:
+    from trl_plw.message_weights import token_message_weights
+
+    return token_message_weights(
+        messages, conversation.offsets, conversation.message_chars, key, allow_negative
+    ).tolist()
 
 
 def _is_conversation(value: Any) -> bool:
@@ -934,7 +972,9 @@ def tokenize_prompt_completion(
     tools: Any = None,
     add_eos: bool = True,
     chat_template_kwargs: Mapping[str, Any] | None = None,
-) -> dict[str, list[int]]:
+    message_weight_key: str | None = None,
+    allow_negative_weights: bool = False,
+) -> dict[str, list]:
     """Tokenize a prompt-completion pair like TRL's ``tokenize_fn``, with per-token roles.
 
     The ids are TRL's: conversational pairs are rendered with the chat template (the prompt alone with
@@ -944,10 +984,11 @@ def tokenize_prompt_completion(
     ``COMPLETION`` (exactly TRL's ``completion_mask``). Prompt-side tokens are ``PROMPT`` for plain text; for
     conversations they get per-role codes (``SYSTEM``/``USER``/``TOOL``/``TEMPLATE``; assistant turns inside the
     prompt are ``PROMPT``). If the template cannot be analysed per message, the prompt side falls back to ``PROMPT``
-    with a warning.
+    with a warning. ``message_weight_key`` adds per-message weights of conversational pairs as in
+    `tokenize_messages` (plain-text pairs get all-1 ``message_weights``).
 
     Returns:
-        ``{"input_ids": list[int], "token_roles": list[int]}``.
+        ``{"input_ids": list[int], "token_roles": list[int]}`` (and ``"message_weights": list[float]``).
     """
     conversational = _is_conversation(prompt)
     if conversational != _is_conversation(completion):
@@ -961,9 +1002,17 @@ def tokenize_prompt_completion(
             list(prompt), tokenize=True, return_dict=True, add_generation_prompt=True, **kwargs
         )["input_ids"]
         conversation = list(prompt) + list(completion)
+        message_weights = None
         try:
-            input_ids, roles = _analyse_conversation(tokenizer, conversation, kwargs)
+            analysed = _analyse_conversation(tokenizer, conversation, kwargs)
+            input_ids, roles = analysed.input_ids, analysed.roles
+            if message_weight_key is not None:
+                message_weights = _message_weights(conversation, analysed, message_weight_key, allow_negative_weights)
         except TemplateNotPrefixConsistentError as exc:
+            from trl_plw.message_weights import any_weighted
+
+            if message_weight_key is not None and any_weighted([conversation], message_weight_key):
+                raise ValueError(f"{exc} Per-message weights need the messages located in the text.") from exc
             warnings.warn(f"{exc} Prompt-side tokens get the generic PROMPT role.", stacklevel=2)
             input_ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True, **kwargs)[
                 "input_ids"
@@ -974,7 +1023,10 @@ def tokenize_prompt_completion(
         head = roles[:prompt_len]
         head[head == Role.COMPLETION] = Role.PROMPT
         roles[prompt_len:] = Role.COMPLETION
-        return {"input_ids": list(input_ids), "token_roles": roles.tolist()}
+        out = {"input_ids": list(input_ids), "token_roles": roles.tolist()}
+        if message_weight_key is not None:
+            out["message_weights"] = message_weights or [1.0] * len(input_ids)
+        return out
 
     if not isinstance(prompt, str) or not isinstance(completion, str):
         raise ValueError(
@@ -988,4 +1040,7 @@ def tokenize_prompt_completion(
     input_ids = list(tokenizer(text=prompt + completion)["input_ids"])
     prompt_len = _common_prefix_length(prompt_ids, input_ids)
     roles = [int(Role.PROMPT)] * prompt_len + [int(Role.COMPLETION)] * (len(input_ids) - prompt_len)
-    return {"input_ids": input_ids, "token_roles": roles}
+    out = {"input_ids": input_ids, "token_roles": roles}
+    if message_weight_key is not None:
+        out["message_weights"] = [1.0] * len(input_ids)
+    return out

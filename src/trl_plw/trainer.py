@@ -19,6 +19,7 @@ What changes relative to `trl.SFTTrainer`, and why:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
+from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import (
     get_dataset_column_names,
@@ -38,9 +40,20 @@ from trl.data_utils import (
     pack_dataset,
 )
 
+from trl_plw._compat import (
+    add_train_tokens,
+    lm_head_adapter_check_disabled,
+    moe_aux_loss_coef,
+    normalize_loss_type,
+    record_metric,
+    set_metric,
+    tensor_parallel_size,
+    warn_if_untested,
+)
 from trl_plw.attention import ensure_registered
 from trl_plw.collator import DataCollatorForWeightedCompletionLM
 from trl_plw.metrics import SplitMetrics
+from trl_plw.policy import DataKind, describe_sft_default, detect_data_kind, sft_prompt_weight
 from trl_plw.roles import (
     PER_TOKEN_COLUMNS,
     WEIGHT_SOURCE_COLUMNS,
@@ -63,10 +76,13 @@ class PLWConfig(SFTConfig):
     Configuration for [`PLWTrainer`]: everything of [`trl.SFTConfig`] plus the prompt-loss-weight policy.
 
     Parameters:
-        prompt_loss_weight (`float`, *optional*, defaults to `0.0`):
+        prompt_loss_weight (`float`, *optional*):
             Weight of every prompt-side token (system, user, tool and chat-template tokens) in the loss. `0.0` is
             TRL's completion-only loss, `1.0` its full-sequence loss; values in between are the point of this
-            library. With a schedule, this is the starting value.
+            library. With a schedule, this is the starting value. Unset (`None`), it is what SFTTrainer trains on
+            the training data (`trl_plw.policy.sft_prompt_weight`): every token of language-modeling data (`text`,
+            `messages`, bare `input_ids`) unless `assistant_only_loss=True`, the completion of prompt-completion data
+            unless `completion_only_loss=False`; so a PLWTrainer with nothing set computes SFTTrainer's loss.
         completion_loss_weight (`float`, *optional*, defaults to `1.0`):
             Weight of every completion (assistant) token.
         role_weights (`dict[str, float]` or `str`, *optional*):
@@ -99,9 +115,12 @@ class PLWConfig(SFTConfig):
             Memory budget of one tile of the fused loss; by default the kernel picks one for the device.
     """
 
-    prompt_loss_weight: float = field(
-        default=0.0,
-        metadata={"help": "Weight of prompt-side tokens in the loss (0 = completion-only, 1 = full sequence)."},
+    prompt_loss_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of prompt-side tokens in the loss (0 = completion-only, 1 = full sequence). Unset: what "
+            "SFTTrainer trains on this data (every token of text/messages, the completion of prompt-completion data)."
+        },
     )
     completion_loss_weight: float = field(default=1.0, metadata={"help": "Weight of completion tokens."})
     role_weights: dict | str | None = field(
@@ -151,13 +170,15 @@ class PLWConfig(SFTConfig):
             )
         if self.prompt_loss_weight_schedule not in SCHEDULE_KINDS:
             raise ValueError(f"prompt_loss_weight_schedule must be one of {SCHEDULE_KINDS}.")
-        if self.prompt_loss_weight_schedule != "constant" and self.prompt_loss_weight_end is None:
+        if self.prompt_loss_weight_schedule != "constant" and (
+            self.prompt_loss_weight_end is None or self.prompt_loss_weight is None
+        ):
             raise ValueError(
-                f"prompt_loss_weight_schedule={self.prompt_loss_weight_schedule!r} needs prompt_loss_weight_end "
-                "(the weight reached at the last step)."
+                f"prompt_loss_weight_schedule={self.prompt_loss_weight_schedule!r} needs prompt_loss_weight (the weight "
+                "at the first step) and prompt_loss_weight_end (the weight reached at the last step)."
             )
         for name in ("prompt_loss_weight", "completion_loss_weight", "prompt_loss_weight_end"):
-            check_weight(name, getattr(self, name), allow_none=name == "prompt_loss_weight_end")
+            check_weight(name, getattr(self, name), allow_none=name != "completion_loss_weight")
 
     def _choose_bf16(self) -> None:
         """Resolve ``bf16=None`` by what the hardware does natively, instead of SFTConfig's bf16-wherever-possible.
@@ -194,7 +215,7 @@ class PLWTrainer(SFTTrainer):
     ``on_missing_template`` apply to every data format, and ``self.args`` is updated to them. A setting counts as
     stated when it differs from its default; when both state it with different values, construction raises naming
     both. The trainer works on a copy of the collator (padding-free when the configuration is, with
-    ``loss_weights_consumer`` set), so the object you passed is left unchanged.
+    ``loss_weights_applied`` set), so the object you passed is left unchanged.
 
     TRL's switches keep their meaning: ``completion_only_loss=True`` and ``assistant_only_loss=True`` require every
     prompt-side weight to be 0 (they raise otherwise); ``assistant_only_loss=True`` needs conversational data, whose
@@ -228,19 +249,20 @@ class PLWTrainer(SFTTrainer):
         preprocess_logits_for_metrics: Callable | None = None,
         **kwargs: Any,
     ):
-        if args is None:
-            args = PLWConfig("plw-output")
-        elif not isinstance(args, PLWConfig):
-            raise TypeError(f"`args` must be a PLWConfig, got {type(args).__name__}: build it with PLWConfig(...).")
+        warn_if_untested()
+        args = _as_plw_config(args, model)
+        normalize_loss_type(args)  # "chunked_nll" (TRL 1.10-1.15's default) is "nll" computed by a chunked head
         self._check_supported(args, data_collator, compute_loss_func, compute_metrics, preprocess_logits_for_metrics)
-        # A given collator is the single source of its weighting policy: merged into args (conflicts raise), and
-        # TRL's completion_only_loss/assistant_only_loss are mapped onto the weights (contradictions raise).
-        data_collator = _resolve_weighting_policy(args, data_collator)
+        # A given collator is the single source of its weighting policy: merged into args (conflicts raise). Then an
+        # unset prompt weight becomes what SFTTrainer trains on this data, and TRL's completion_only_loss /
+        # assistant_only_loss are mapped onto the weights (contradictions raise).
+        self._plw_data_kind = _first_data_kind(args, data_collator, train_dataset, eval_dataset, kwargs)
+        data_collator = _resolve_weighting_policy(args, data_collator, self._plw_data_kind)
         if isinstance(model, str):
             model = self._prepare_model_name(model, args)
         self._plw_args = args  # `_prepare_dataset` runs inside super().__init__, before `self.args` exists
         self._plw_collator = data_collator
-        with self._assistant_only_loss_hidden(args), _adapters_on_lm_head_allowed():
+        with self._assistant_only_loss_hidden(args), lm_head_adapter_check_disabled():
             super().__init__(
                 model,
                 args=args,
@@ -250,12 +272,13 @@ class PLWTrainer(SFTTrainer):
                 processing_class=processing_class,
                 **kwargs,
             )
+        self._plw_tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         self._check_parallelism()
         self._check_peft_method()
         if data_collator is None:
             data_collator = DataCollatorForWeightedCompletionLM(
-                pad_token_id=self._tokenizer.pad_token_id,
-                tokenizer=self._tokenizer,
+                pad_token_id=self._plw_tokenizer.pad_token_id,
+                tokenizer=self._plw_tokenizer,
                 prompt_loss_weight=1.0 if args.has_schedule else args.prompt_loss_weight,
                 completion_loss_weight=args.completion_loss_weight,
                 role_weights=args.role_weights,
@@ -268,7 +291,7 @@ class PLWTrainer(SFTTrainer):
             # collator is the trainer's own copy, so switching its layout changes no weight and no user object.
             logger.info("The data_collator is switched to padding_free=True (this configuration is padding-free).")
             data_collator.padding_free = True
-        data_collator.loss_weights_consumer = type(self).__name__
+        data_collator.loss_weights_applied = True  # compute_loss applies loss_weights
         self.data_collator = data_collator
 
         add_weighted_lm_head(
@@ -284,10 +307,10 @@ class PLWTrainer(SFTTrainer):
         if self.padding_free and self.args.device.type == "cuda" and attention in ("sdpa", "eager"):
             logger.warning(
                 "Packed batches run with attn_implementation=%r, which builds a dense block-diagonal mask; "
-                "'plw_varlen' (torch's varlen flash kernel) or 'flash_attention_2' avoid it: load the model with "
-                "trl_plw.load_model(..., attn_implementation='plw_varlen'), or call "
+                "'plw_varlen' (torch's varlen flash kernel) or 'flash_attention_2' avoid it: call "
                 "trl_plw.attention.register_attention_backends() before from_pretrained(..., "
-                "attn_implementation='plw_varlen').",
+                "attn_implementation='plw_varlen'), or switch a loaded model with "
+                "model.set_attn_implementation('plw_varlen').",
                 attention,
             )
         logger.info(
@@ -322,13 +345,19 @@ class PLWTrainer(SFTTrainer):
 
         The name itself is passed to TRL unchanged (a Hub id or a local folder): demo aliases such as the offline
         default model are resolved by the commands that offer them (`trl_plw.experiments.offline_model.resolve_model_path`)."""
-        from trl_plw.attention import select_attn_implementation
+        from trl_plw.attention import SDPA, select_attn_implementation
 
         kwargs = dict(args.model_init_kwargs or {})
         if kwargs.get("attn_implementation") in (None, "auto"):
             packed = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
-            kwargs["attn_implementation"] = select_attn_implementation(args.device, packed=packed)
-        ensure_registered(kwargs["attn_implementation"])  # TRL loads the model by this name in SFTTrainer.__init__
+            choice = select_attn_implementation(args.device, packed=packed)
+            if choice == SDPA:
+                # transformers' own default: sdpa where the model class supports it, the class's choice elsewhere
+                # (GPT-OSS rejects sdpa), so every model SFTTrainer trains loads here too.
+                kwargs.pop("attn_implementation", None)
+            else:
+                kwargs["attn_implementation"] = choice
+        ensure_registered(kwargs.get("attn_implementation"))  # TRL loads the model by this name in __init__
         args.model_init_kwargs = kwargs
         return model
 
@@ -346,7 +375,10 @@ class PLWTrainer(SFTTrainer):
                 "`answer_tokens` for answer accuracy, or evaluate generations in a callback."
             )
         if args.loss_type != "nll":
-            raise ValueError(f"loss_type={args.loss_type!r} is not supported by PLWTrainer; only 'nll' is weighted.")
+            raise ValueError(
+                f"loss_type={args.loss_type!r} is not supported by PLWTrainer; only 'nll' (or its alias 'chunked_nll') "
+                "is weighted."
+            )
         if args.label_smoothing_factor > 0:
             raise ValueError("label_smoothing_factor > 0 needs full logits; PLWTrainer's fused loss does not smooth.")
         if data_collator is not None and not isinstance(data_collator, DataCollatorForWeightedCompletionLM):
@@ -386,7 +418,7 @@ class PLWTrainer(SFTTrainer):
         ids: set[int] = set()
         for answer in answers:
             for text in (answer, " " + answer):
-                tokens = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+                tokens = self._plw_tokenizer(text, add_special_tokens=False)["input_ids"]
                 if tokens:
                     ids.add(tokens[0])
         return torch.tensor(sorted(ids), dtype=torch.long)
@@ -398,7 +430,17 @@ class PLWTrainer(SFTTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         args = self._plw_args
-        tokenizer = self._tokenizer
+        # `processing_class` as TRL resolved it (loaded from the model name if none was given)
+        tokenizer = self._plw_tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if isinstance(dataset, Dataset) and dataset.format["type"] == "custom":
+            # TRL's guard (1.10+), kept since this override replaces TRL's preparation: map() would run the user's
+            # transform on every row and fail inside it.
+            raise ValueError(
+                "PLWTrainer cannot prepare a dataset that uses `Dataset.with_transform()`: preparation runs `map()`, "
+                "which would apply the transform to every row. Apply the transform with `dataset.map(...)` instead, "
+                "or prepare the dataset yourself (token_roles or loss_weights columns) and set "
+                "`dataset_kwargs={'skip_prepare_dataset': True}`."
+            )
         map_kwargs: dict[str, Any] = {}
         if isinstance(dataset, Dataset):
             map_kwargs["num_proc"] = args.dataset_num_proc
@@ -434,17 +476,20 @@ class PLWTrainer(SFTTrainer):
         if not any(c in columns for c in WEIGHT_SOURCE_COLUMNS):
             if self._template_matcher is not None:
                 dataset = self._apply_templates(dataset, dataset_name, map_kwargs)
-            elif args.completion_only_loss is False:  # TRL's full-sequence loss on language-modeling data
+            elif all(weight == 1.0 for weight in _prompt_side_peaks(args).values()):
+                # Language-modeling data: SFTTrainer trains every token, and so does the policy in force.
                 dataset = dataset.map(
                     lambda ex: {"token_roles": [int(Role.COMPLETION)] * len(ex["input_ids"])}, **map_kwargs
                 )
             else:
                 raise ValueError(
-                    f"The {dataset_name} dataset has no prompt/completion split: PLWTrainer looked for the columns "
+                    f"The {dataset_name} dataset has no prompt/completion split, so the prompt-side weights "
+                    f"{_prompt_side_peaks(args)} have nothing to act on: PLWTrainer looked for the columns "
                     "'prompt'+'completion' (prompt-completion data), 'messages' (chat data), or per-token "
                     f"{', '.join(repr(c) for c in WEIGHT_SOURCE_COLUMNS)} in {columns}. Provide one of them, or set "
                     "`response_template` (and `instruction_template` for multi-turn text) in PLWConfig or on the "
-                    "data_collator, or completion_only_loss=False to train on every token."
+                    "data_collator; or leave prompt_loss_weight/role_weights unset to train every token, as "
+                    "SFTTrainer does on language-modeling data."
                 )
 
         per_token = [c for c in PER_TOKEN_COLUMNS if c in get_dataset_column_names(dataset)]
@@ -552,7 +597,7 @@ class PLWTrainer(SFTTrainer):
                 from trl_plw.roles import TemplateMatcher
 
                 self._template_matcher_cache = TemplateMatcher(
-                    self._tokenizer, self._plw_args.response_template, self._plw_args.instruction_template
+                    self._plw_tokenizer, self._plw_args.response_template, self._plw_args.instruction_template
                 )
         return getattr(self, "_template_matcher_cache", None)
 
@@ -593,7 +638,7 @@ class PLWTrainer(SFTTrainer):
         total = torch.as_tensor(total, device=device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             total = self.accelerator.gather(total.reshape(1)).sum()
-        return total / self._tp_size
+        return total / tensor_parallel_size(self)
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -629,14 +674,14 @@ class PLWTrainer(SFTTrainer):
         loss = outputs.loss
         # Like Trainer.compute_loss: the denominator counts every rank, and DDP averages gradients over ranks.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self._tp_size)
+            loss = loss * (self.accelerator.num_processes // tensor_parallel_size(self))
         if self.aux_loss_enabled and outputs.aux_loss is not None:
             # Like SFTTrainer: the aux loss is a per-micro-batch mean (DDP averages it over ranks); with a global
             # denominator Trainer leaves accumulation to the loss, so it is averaged over the accumulation steps.
             steps = getattr(self, "current_gradient_accumulation_steps", 1) if num_items_in_batch is not None else 1
             aux = outputs.aux_loss.to(loss.device)
-            loss = loss + self.router_aux_loss_coef * aux / steps
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()).mean().item())
+            loss = loss + moe_aux_loss_coef(self) * aux / steps
+            record_metric(self, mode, "aux_loss", self.accelerator.gather_for_metrics(aux.detach()).mean().item())
 
         answer_mask = None
         if self._answer_token_ids is not None:
@@ -660,8 +705,8 @@ class PLWTrainer(SFTTrainer):
                 local_tokens = inputs["attention_mask"].sum()
             else:
                 local_tokens = torch.tensor(input_ids.numel(), device=input_ids.device)
-            self._total_train_tokens += int(self.accelerator.gather_for_metrics(local_tokens).sum()) // self._tp_size
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            local_tokens = int(self.accelerator.gather_for_metrics(local_tokens).sum()) // tensor_parallel_size(self)
+            set_metric(self, mode, "num_tokens", add_train_tokens(self, local_tokens))
         return (loss, outputs) if return_outputs else loss
 
     def _kept_eval_tokens(self, inputs: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor | None:
@@ -747,32 +792,6 @@ class PLWTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
-@contextlib.contextmanager
-def _adapters_on_lm_head_allowed():
-    """Run SFTTrainer.__init__ without its refusal of PEFT adapters on ``lm_head``.
-
-    TRL refuses them because its fused head reads ``lm_head.weight`` and would never train the adapter. The weighted
-    head computes LoRA/DoRA heads exactly (tests/test_head_matrix.py) and refuses, by itself, the head wrappers it
-    cannot reproduce (`trl_plw.weighted_head.check_head_supported`, called when the head is added). The refusal is
-    TRL's only use of the name ``BaseTunerLayer`` in that module; it is restored on exit.
-    """
-    from trl.trainer import sft_trainer
-
-    original = getattr(sft_trainer, "BaseTunerLayer", None)
-    if original is None:
-        yield
-        return
-
-    class _NoTunerLayer:  # isinstance(head, _NoTunerLayer) is never true
-        pass
-
-    sft_trainer.BaseTunerLayer = _NoTunerLayer
-    try:
-        yield
-    finally:
-        sft_trainer.BaseTunerLayer = original
-
-
 # Settings both PLWConfig and DataCollatorForWeightedCompletionLM have, with the same meaning.
 SHARED_POLICY_FIELDS = (
     "response_template",
@@ -789,15 +808,67 @@ def _default(cls: type, name: str) -> Any:
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
-def _resolve_weighting_policy(
-    args: PLWConfig, collator: DataCollatorForWeightedCompletionLM | None
-) -> DataCollatorForWeightedCompletionLM | None:
-    """Merge a given collator's policy into ``args`` and return the trainer's copy of the collator.
+def _as_plw_config(args: Any, model: Any) -> PLWConfig:
+    """The trainer's own copy of its configuration: a PLWConfig built from ``args`` as SFTTrainer builds an SFTConfig
+    (None -> defaults, a ``transformers.TrainingArguments`` converted field by field), copied so that resolving the
+    policy never changes the object the caller holds."""
+    if args is None:
+        name = model if isinstance(model, str) else model.config._name_or_path
+        return PLWConfig(f"{name.split('/')[-1]}-PLW")
+    if isinstance(args, PLWConfig):
+        return copy.copy(args)
+    if isinstance(args, TrainingArguments):
+        if isinstance(args, SFTConfig):
+            logger.info("args is an SFTConfig: converted to a PLWConfig with the default weighting policy.")
+        values = args.to_dict()  # as SFTTrainer converts: enums as their values ...
+        for name in values:
+            if name.endswith("_token"):  # ... and the fields to_dict hides (hub_token; SFTConfig's eos/pad_token)
+                values[name] = getattr(args, name)
+        return PLWConfig(**values)
+    raise TypeError(
+        f"`args` must be a PLWConfig (or an SFTConfig/TrainingArguments to convert), got {type(args).__name__}."
+    )
 
-    A setting is *stated* where it differs from its default. The collator's stated values go into ``args`` (so
+
+def _first_data_kind(
+    args: PLWConfig,
+    collator: DataCollatorForWeightedCompletionLM | None,
+    train_dataset: Any,
+    eval_dataset: Any,
+    kwargs: dict[str, Any],
+) -> DataKind | None:
+    """The kind of the training data (else of the first evaluation set), read from its first example; None when
+    there is no example to read (the policy then falls back to completion-only, logged)."""
+    dataset = train_dataset
+    if dataset is None and eval_dataset is not None:
+        dataset = next(iter(eval_dataset.values())) if isinstance(eval_dataset, dict) else eval_dataset
+    if dataset is None:
+        return None
+    skip_prepare = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset"))
+    if isinstance(dataset, Dataset) and (
+        len(dataset) == 0 or (dataset.format["type"] == "custom" and not skip_prepare)
+    ):
+        return None  # empty, or a with_transform dataset that preparation refuses: nothing to read here
+    has_template = args.response_template is not None or (
+        collator is not None and collator.response_template is not None
+    )
+    first = next(iter(dataset))
+    return detect_data_kind(first, args.dataset_text_field, has_template, kwargs.get("formatting_func") is not None)
+
+
+def _resolve_weighting_policy(
+    args: PLWConfig, collator: DataCollatorForWeightedCompletionLM | None, kind: DataKind | None
+) -> DataCollatorForWeightedCompletionLM | None:
+    """Merge a given collator's policy into ``args``, resolve an unset prompt weight, and return the trainer's copy
+    of the collator.
+
+    A collator setting is *stated* where it differs from its default; a PLWConfig setting where it differs from its
+    default (``prompt_loss_weight``: where it is not None). The collator's stated values go into ``args`` (so
     dataset preparation, schedules and logs use them); PLWConfig's stated values go into the copy; both stated and
-    different raises, naming both. Then TRL's ``completion_only_loss``/``assistant_only_loss`` are applied, and the
-    copy gets the prompt weight in force (1.0 with a schedule: the scheduled value multiplies it at loss time)."""
+    different raises, naming both. An unset prompt weight becomes SFTTrainer's for the data (`sft_prompt_weight`).
+    Then TRL's ``completion_only_loss``/``assistant_only_loss`` are checked against the weights, and the copy gets the
+    prompt weight in force (1.0 with a schedule: the scheduled value multiplies it at loss time)."""
+    weight_source = "set in PLWConfig"
     if collator is not None:
         to_collator = {}
         for name in SHARED_POLICY_FIELDS:
@@ -812,12 +883,39 @@ def _resolve_weighting_policy(
                 )
             if theirs_stated:
                 setattr(args, name, theirs)
+                if name == "prompt_loss_weight":
+                    weight_source = "set on the data_collator"
             elif ours_stated:
                 to_collator[name] = ours
         collator = dataclasses.replace(collator, **to_collator)
-    _apply_loss_switches(args)
+    if args.prompt_loss_weight is None:
+        weight = 0.0 if kind is None else sft_prompt_weight(kind, args.completion_only_loss, args.assistant_only_loss)
+        weight_source = "default: " + (
+            "no example to read, completion only" if kind is None else describe_sft_default(weight)
+        )
+        if args.completion_only_loss is True and kind is DataKind.CONVERSATIONAL:
+            # SFTTrainer ignores the switch on language-modeling data (no completion mask) and trains every token.
+            logger.warning(
+                "completion_only_loss=True on conversational language-modeling data ('messages'): SFTTrainer ignores "
+                "it there and trains every token; PLWTrainer trains the assistant turns only (prompt weight 0). Use "
+                "assistant_only_loss=True for TRL's equivalent, or drop completion_only_loss to train every token."
+            )
+            weight, weight_source = 0.0, "completion_only_loss=True"
+        args.prompt_loss_weight = weight
+    _apply_loss_switches(args, kind)
     if collator is not None:
         collator.prompt_loss_weight = 1.0 if args.has_schedule else args.prompt_loss_weight
+    logger.info(
+        "PLWTrainer policy: %s data, prompt_loss_weight=%s (%s)%s, completion_loss_weight=%s, role_weights=%s, "
+        "loss_normalization=%s",
+        kind if kind is not None else "unknown",
+        args.prompt_loss_weight,
+        weight_source,
+        f" -> {args.prompt_loss_weight_end} ({args.prompt_loss_weight_schedule})" if args.has_schedule else "",
+        args.completion_loss_weight,
+        args.role_weights,
+        args.loss_normalization,
+    )
     return collator
 
 
@@ -835,9 +933,12 @@ def _prompt_side_peaks(args: PLWConfig) -> dict[str, float]:
     return weights
 
 
-def _apply_loss_switches(args: PLWConfig) -> None:
-    """Map TRL's ``completion_only_loss``/``assistant_only_loss`` onto the weights, or raise where they contradict
-    them: never ignore them silently."""
+def _apply_loss_switches(args: PLWConfig, kind: DataKind | None) -> None:
+    """Check TRL's ``completion_only_loss``/``assistant_only_loss`` against the weights, and raise where they
+    contradict them: never ignore them silently. Plain text without templates has no prompt side, so neither switch
+    changes a weight there (SFTTrainer trains every token of it too)."""
+    if kind is DataKind.TEXT:
+        return
     trained = {role: weight for role, weight in _prompt_side_peaks(args).items() if weight != 0}
     for switch, what in (("completion_only_loss", "the completion"), ("assistant_only_loss", "the assistant turns")):
         if getattr(args, switch) is True and trained:
@@ -848,11 +949,9 @@ def _apply_loss_switches(args: PLWConfig) -> None:
                 "masking it), or set the prompt-side weights to 0."
             )
     if args.completion_only_loss is False and not trained:
-        if args.has_schedule:
-            raise ValueError(
-                "completion_only_loss=False asks for a loss on the prompt too, but the prompt-loss-weight schedule "
-                f"keeps it at 0 ({args.prompt_loss_weight} -> {args.prompt_loss_weight_end}). Set a non-zero "
-                "prompt_loss_weight or prompt_loss_weight_end, or drop completion_only_loss."
-            )
-        logger.info("completion_only_loss=False: prompt_loss_weight 0 -> 1 (TRL's full-sequence loss).")
-        args.prompt_loss_weight = 1.0
+        raise ValueError(
+            "completion_only_loss=False asks for a loss on the prompt too, but every prompt-side weight is 0 "
+            f"(prompt_loss_weight={args.prompt_loss_weight}, role_weights={args.role_weights}, schedule="
+            f"{args.prompt_loss_weight_schedule!r}). Leave prompt_loss_weight unset (TRL's full-sequence loss), set a "
+            "non-zero one, or drop completion_only_loss."
+        )

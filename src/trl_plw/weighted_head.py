@@ -35,6 +35,15 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from trl_plw._compat import (
+    PEFT_LORA_LAYER,
+    PEFT_MODULES_TO_SAVE,
+    PEFT_TRAINABLE_TOKENS,
+    PEFT_TUNER_LAYER,
+    lm_head_gather_context,
+    peft_type,
+)
+
 _PATCHED_FLAG = "_trl_plw_weighted_head"
 
 
@@ -80,32 +89,8 @@ def _full(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
 
 
-def _lora_layer_type():
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # peft is a dependency, but the head works without it
-        return None
-    return LoraLayer
-
-
-def _tuner_layer_type():
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
-        return None
-    return BaseTunerLayer
-
-
-def _trainable_tokens_wrapper_type():
-    try:
-        from peft.utils.other import TrainableTokensWrapper
-    except ImportError:
-        return None
-    return TrainableTokensWrapper
-
-
 def _is_lora(head: nn.Module) -> bool:
-    lora = _lora_layer_type()
+    lora = peft_type(*PEFT_LORA_LAYER)
     return lora is not None and isinstance(head, lora)
 
 
@@ -121,14 +106,14 @@ def check_head_supported(model) -> None:
     if _is_lora(head):
         _check_lora_head(head, name)
         return
-    tuner = _tuner_layer_type()
+    tuner = peft_type(*PEFT_TUNER_LAYER)
     if tuner is not None and isinstance(head, tuner):
         raise ValueError(
             f"The LM head of {name} is wrapped by the PEFT tuner {type(head).__name__}; the weighted head reproduces "
             "plain, LoRA and DoRA heads only. Leave the head out of target_modules, or use LoRA/DoRA or "
             "modules_to_save on it."
         )
-    trainable_tokens = _trainable_tokens_wrapper_type()
+    trainable_tokens = peft_type(*PEFT_TRAINABLE_TOKENS)
     if trainable_tokens is not None and isinstance(head, trainable_tokens):
         raise ValueError(
             f"The LM head of {name} is wrapped by PEFT's TrainableTokensWrapper, which `trainable_token_indices` "
@@ -147,11 +132,8 @@ def check_head_supported(model) -> None:
 
 def _active_linear(head: nn.Module) -> nn.Module | None:
     """The module that actually projects: the head itself, or the active copy inside PEFT's ModulesToSaveWrapper."""
-    try:
-        from peft.utils.other import ModulesToSaveWrapper
-    except ImportError:
-        ModulesToSaveWrapper = ()  # noqa: N806
-    if ModulesToSaveWrapper and isinstance(head, ModulesToSaveWrapper):
+    modules_to_save = peft_type(*PEFT_MODULES_TO_SAVE)
+    if modules_to_save is not None and isinstance(head, modules_to_save):
         adapters = head.active_adapters
         if len(adapters) != 1:
             return None
@@ -325,8 +307,6 @@ def add_weighted_lm_head(model, memory_budget_bytes: int | None = None) -> None:
     if getattr(model, _PATCHED_FLAG, False):
         return
     check_head_supported(model)
-    from trl.trainer.utils import maybe_gather_lm_head_ctx
-
     from trl_plw.ops import KernelOptions, weighted_linear_cross_entropy
 
     options = KernelOptions(memory_budget_bytes=memory_budget_bytes)
@@ -372,7 +352,7 @@ def add_weighted_lm_head(model, memory_budget_bytes: int | None = None) -> None:
         # DeepSpeed ZeRO-3 shards the head to empty placeholders outside its own forward; TRL's helper gathers it
         # for the duration of this direct access. The kernel forms its gradients in this forward, so the backward
         # needs no second gather.
-        with maybe_gather_lm_head_ctx(*_head_params(head)):
+        with lm_head_gather_context(*_head_params(head)):
             device = next(iter(_head_params(head))).device
             flat_hidden, weight, bias = _head_operands(head, hidden.reshape(batch * seq_len, -1).to(device))
             loss, stats = weighted_linear_cross_entropy(

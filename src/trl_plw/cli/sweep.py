@@ -1,111 +1,167 @@
-"""``trl-plw sweep``: the prompt-loss-weight sweep on any dataset (flags for every `SweepConfig` field).
+"""``trl-plw sweep``: the prompt-loss-weight sweep on any dataset, with the flags of ``trl-plw sft``.
 
-The flags are generated from the config dataclass, so ``trl-plw race`` (whose presets are `RacePreset`s, a subclass)
-shares them; the experiment itself lives in `trl_plw.experiments.sweep`.
+The arguments are `SweepArguments` (what only a sweep has: weights, seeds, data, adapters, holdout) and `PLWConfig`
+(every training setting, under its own name), parsed together by ``trl.TrlParser``: ``--per_device_train_batch_size
+8 --learning_rate 2e-3`` mean the same here as in ``trl-plw sft`` and ``trl sft``, and ``--config sweep.yaml``
+works. The sweep's own defaults for the training fields (batch 8, learning rate 1e-3, ...: `SweepConfig`) are the
+parser's defaults, so ``--help`` shows them. ``trl-plw race`` is the same parser with a preset's values as defaults.
+The experiment itself lives in `trl_plw.experiments.sweep`.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from dataclasses import fields, replace
+import dataclasses
+import enum
+import sys
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from trl_plw.experiments import sweep
-from trl_plw.experiments.sweep import SweepConfig, load_sweep_splits, run_sweep
+DEPRECATED_FLAGS = {
+    "--model": "--model_name_or_path",
+    "--dataset": "--dataset_name",
+    "--train-split": "--dataset_train_split",
+    "--eval-split": "--dataset_test_split",
+    "--batch-size": "--per_device_train_batch_size",
+    "--eval-batch-size": "--per_device_eval_batch_size",
+    "--grad-accum": "--gradient_accumulation_steps",
+    "--warmup-ratio": "--warmup_steps",
+    "--gradient-checkpointing": "--activation_checkpointing",
+    "--no-gradient-checkpointing": "--no-activation-checkpointing",
+}
+"""The sweep's flags before it took PLWConfig's names: still accepted for one release, with a FutureWarning."""
 
-
-def _int_or_range(value: str) -> int | tuple[int, int]:
-    """``3`` or ``1,3`` (a range)."""
-    return tuple(int(x) for x in value.split(",")) if "," in value else int(value)  # type: ignore[return-value]
-
-
-def _name_or_range(value: str) -> str | tuple[int, int]:
-    """``short`` or ``20,40`` (a range)."""
-    return tuple(int(x) for x in value.split(",")) if "," in value else value  # type: ignore[return-value]
-
-
-def _arg_type(annotation: str) -> Callable[[str], Any]:
-    """argparse type of a dataclass field from its (string) annotation: ``int | None`` -> int, ..."""
-    if "tuple[int, int]" in annotation:
-        return _name_or_range if annotation.startswith("str") else _int_or_range
-    first = annotation.split("|")[0].strip()
-    return {"int": int, "float": float}.get(first, str)
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[SweepConfig]) -> None:
-    """One ``--field-name`` flag per config field (default None: the preset's value stays), shared by race/sweep."""
-    special = {"plws", "seeds", "extra", "bf16", "packing", "answer_tokens"}
-    for f in fields(config_cls):
-        flag = f"--{f.name.replace('_', '-')}"
-        if f.name in special:
-            continue
-        if str(f.type).startswith("bool"):  # --x/--no-x, so a False can be given (a str "False" would be true)
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            parser.add_argument(flag, dest=f.name, type=_arg_type(str(f.type)), default=None)
-    parser.add_argument("--plw", type=float, nargs="+", dest="plws", help="Prompt loss weight(s) to sweep.")
-    parser.add_argument("--seeds", type=int, nargs="+", help="Seeds; each weight is trained once per seed.")
-    parser.add_argument("--answer-tokens", nargs="+", help="Single-token answers (e.g. A B C D): answer accuracy.")
-    parser.add_argument(
-        "--bf16", action=argparse.BooleanOptionalAction, default=None,
-        help="bf16 autocast. Default: only where bf16 is native (GPU, AVX512-BF16/AMX CPUs), else fp32.",
-    )  # fmt: skip
-    parser.add_argument(
-        "--packing", action=argparse.BooleanOptionalAction, default=None,
-        help="Pack rows (BFD, padding-free). Default: the preset's (off on CPU).",
-    )  # fmt: skip
-    parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--no-resume", action="store_true", help="Retrain runs that already finished.")
-
-
-def config_from_args(base: SweepConfig, args: argparse.Namespace) -> SweepConfig:
-    """``base`` with every flag the user gave (a flag left at None keeps the preset's value)."""
-    names = {f.name for f in fields(base)}
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    for key in ("plws", "seeds", "answer_tokens"):
-        if key in overrides:
-            overrides[key] = tuple(overrides[key])
-    return replace(base, **overrides)
+ALIASES = {"--plw": "--plws"}
+"""Short spellings kept for good (``--plw 1 0.1 0``)."""
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    parser = subparsers.add_parser(
         "sweep",
         help="Prompt-loss-weight sweep on any dataset: stopping-rule table, findings, recommended weight.",
-        description=sweep.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
     )
-    add_config_arguments(p, SweepConfig)
-    p.add_argument("--output-dir", default="runs/sweep")
-    p.set_defaults(func=run_cli)
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.set_defaults(func=run_cli)
+
+
+def translate_flags(argv: Sequence[str], bool_fields: set[str]) -> list[str]:
+    """``argv`` with the aliases and deprecated flags renamed, and ``--no-X`` written as ``--X false`` for a boolean
+    field X (HfArgumentParser only makes ``--X [true|false]``, plus ``--no_X`` for fields that default to True)."""
+    old = [a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in DEPRECATED_FLAGS]
+    if old:
+        renamed = ", ".join(f"{a} -> {DEPRECATED_FLAGS[a]}" for a in dict.fromkeys(old))
+        warnings.warn(
+            f"trl-plw sweep/race: {renamed}. The sweep now takes PLWConfig's field names, like `trl-plw sft`; the "
+            "old flags will be removed in the next release.",
+            FutureWarning,
+            stacklevel=2,
+        )
+    out: list[str] = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        name = ALIASES.get(name, DEPRECATED_FLAGS.get(name, name))
+        negated = name[5:].replace("-", "_") if name.startswith("--no-") or name.startswith("--no_") else None
+        if negated in bool_fields and not eq:
+            out += [f"--{negated}", "false"]
+        else:
+            out.append(name + eq + value)
+    return out
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default (TrlParser's own choice shows defaults too)."""
+
+
+def build_parser(arguments_cls: type, base: Any, prog: str, description: str | None, output_dir: str):
+    """TrlParser over ``(arguments_cls, PLWConfig)`` whose defaults are ``base``'s values (a SweepConfig or a preset),
+    plus the command's two switches (``--no-plots``, ``--no-resume``), which are not part of the sweep's record."""
+    from trl import TrlParser
+
+    from trl_plw.trainer import PLWConfig
+
+    parser = TrlParser(
+        (arguments_cls, PLWConfig),
+        prog=prog,
+        description=description,
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--no-plots", action="store_true", help="Write the numbers only (no matplotlib needed).")
+    parser.add_argument("--no-resume", action="store_true", help="Retrain runs that already finished.")
+    defaults = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name != "extra"}
+    parser.set_defaults(
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}, output_dir=output_dir
+    )
+    return parser
+
+
+def _plain(value: Any) -> Any:
+    """A parsed PLWConfig value as the sweep records it (TrainingArguments turns some strings into enums)."""
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def parse_config(parser, argv: Sequence[str], config_cls: type) -> tuple[Any, str, argparse.Namespace]:
+    """``(config, output_dir, switches)`` from ``argv`` (and its ``--config`` file).
+
+    A training field takes the parsed PLWConfig's value where the user set it, else the sweep's default (not the
+    value PLWConfig derives for the machine it is parsed on: ``bf16=None`` stays "the hardware's choice" in the
+    record). Any other PLWConfig setting the user gave (``--optim``, ``--report_to``, ...) goes to ``extra``, so
+    every flag of ``trl-plw sft`` reaches every run.
+    """
+    from trl_plw.experiments.sweep import TRAINING_FIELDS
+    from trl_plw.trainer import PLWConfig
+
+    bool_fields = {a.dest for a in parser._actions if getattr(a.type, "__name__", "") == "string_to_bool"}
+    argv = translate_flags(argv, bool_fields)
+    defaults = vars(parser.parse_known_args([])[0])
+    arguments, training, *rest = parser.parse_args_and_config(argv)
+    given = {k for k, v in vars(parser.parse_known_args(argv)[0]).items() if v != defaults.get(k)}  # + --config's
+    switches = rest[0] if rest else argparse.Namespace(no_plots=False, no_resume=False)
+    values = dataclasses.asdict(arguments)
+    for name in TRAINING_FIELDS:
+        values[name] = _plain(getattr(training, name)) if name in given else defaults[name]
+    own = {*TRAINING_FIELDS, "output_dir"}
+    values["extra"] = {
+        f.name: _plain(getattr(training, f.name))
+        for f in dataclasses.fields(PLWConfig)
+        if f.init and f.name in given and f.name not in own
+    }
+    return config_cls(**values), training.output_dir, switches
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    config = config_from_args(SweepConfig(), args)
-    if not config.dataset:
-        raise SystemExit("trl-plw sweep: error: --dataset PATH_OR_ID is required")
-    return run_from_args(config, args)
+    from trl_plw.experiments import sweep
+    from trl_plw.experiments.sweep import SweepArguments, SweepConfig
+
+    parser = build_parser(SweepArguments, SweepConfig(), "trl-plw sweep", sweep.__doc__, "runs/sweep")
+    config, output_dir, switches = parse_config(parser, args.rest, SweepConfig)
+    if not config.dataset_name:
+        parser.error("name the data to sweep on: --dataset_name PATH_OR_HUB_ID")
+    return run_from_args(config, output_dir, switches)
 
 
 def run_from_args(
-    config: SweepConfig,
-    args: argparse.Namespace,
+    config: Any,
+    output_dir: str,
+    switches: argparse.Namespace,
     *,
-    load_splits: Callable[[SweepConfig, int], tuple[Any, Any]] = load_sweep_splits,
+    load_splits: Callable[[Any, int], tuple[Any, Any]] | None = None,
     plot_name: str = "sweep.png",
 ) -> int:
-    """Run the sweep with the output flags of `add_config_arguments` and print the report (sweep and race)."""
+    """Run the sweep and print the report (sweep and race)."""
+    from trl_plw.experiments.sweep import load_sweep_splits, run_sweep
+
     result = run_sweep(
         config,
-        Path(args.output_dir),
-        load_splits=load_splits,
-        plots=not args.no_plots,
+        Path(output_dir),
+        load_splits=load_splits or load_sweep_splits,
+        plots=not switches.no_plots,
         plot_name=plot_name,
-        resume=not args.no_resume,
+        resume=not switches.no_resume,
     )
     print(result["text"])
-    files = "summary.md, summary.json, metrics.csv" + ("" if args.no_plots else f", {plot_name}")
-    print(f"\nWrote {files} in {args.output_dir}")
+    files = "summary.md, summary.json, metrics.csv" + ("" if switches.no_plots else f", {plot_name}")
+    print(f"\nWrote {files} in {output_dir}", file=sys.stdout)
     return 0

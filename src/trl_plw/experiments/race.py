@@ -26,36 +26,60 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any
 
-from trl_plw.experiments.sweep import ARTICLE_SWEEP, SweepConfig, adapted_layer_count
+from trl_plw.experiments.sweep import ARTICLE_SWEEP, SweepArguments, SweepConfig, adapted_layer_count, help_field
 
 
 @dataclass
-class RacePreset(SweepConfig):
-    """A sweep on RACE-format data; the synthetic fields apply to the offline generator only."""
+class RaceArguments(SweepArguments):
+    """`SweepArguments` of a sweep on RACE-format data; the synthetic fields apply to the offline generator only."""
 
-    dataset: str = "synthetic"
-    dataset_config: str | None = "all"
-    answer_tokens: tuple[str, ...] | None = ("A", "B", "C", "D")
-    # Article length (words) and people per article of the synthetic data (see docs/DATA.md).
-    synthetic_length: str | tuple[int, int] = (20, 40)
-    synthetic_residents: int | tuple[int, int] | None = 1
-    # The system message of every example; None: the chat template's own (SmolLM2 inserts a 21-token default).
-    system_prompt: str | None = None
+    dataset_name: str = help_field("'synthetic' (offline RACE-format rows), a Hub id (ehovy/race) or a local file.",
+                              default="synthetic")  # fmt: skip
+    dataset_config: str | None = help_field("RACE configuration: all, middle or high.", default="all")
+    synthetic_length: str = help_field(
+        "Synthetic article length in words: a preset name (short, medium, long, mixed) or a range 'MIN,MAX' "
+        "(see docs/DATA.md).",
+        default="20,40",
+    )
+    synthetic_residents: str | None = help_field("People per synthetic article: N or a range 'MIN,MAX'.", default="1")
+    system_prompt: str | None = help_field(
+        "The system message of every example; None: the chat template's own (SmolLM2 inserts a 21-token default).",
+        default=None,
+    )
     # The article's subsampling: whole packed rows of `max_length` tokens, drawn with `subsample_seed` after
-    # dropping examples longer than a row. None: `train_examples`/`eval_examples` examples instead.
-    train_packed_rows: int | None = None
-    eval_packed_rows: int | None = None
-    subsample_seed: int = 1234
+    # dropping examples longer than a row.
+    train_packed_rows: int | None = help_field(
+        "Train on the examples of this many packed rows (None: train_examples examples).", default=None
+    )
+    eval_packed_rows: int | None = help_field(
+        "Evaluate on the examples of this many packed rows (None: eval_examples examples).", default=None
+    )
+    subsample_seed: int = help_field("Seed of the packed-row subsample.", default=1234)
+
+
+@dataclass
+class RacePreset(RaceArguments, SweepConfig):
+    """A sweep on RACE-format data: `RaceArguments` plus the training fields of `SweepConfig`."""
+
+    answer_tokens: tuple[str, ...] | None = ("A", "B", "C", "D")
+
+
+def _int_range(value: str | None) -> int | tuple[int, int] | None:
+    """``"3"`` -> 3, ``"1,3"`` -> (1, 3); a preset name passes through (`_load`)."""
+    if value is None:
+        return None
+    parts = [int(x) for x in value.split(",")]
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
 _CPU = dict(
     train_examples=400,
     eval_examples=200,
-    batch_size=8,
+    per_device_train_batch_size=8,
     # Metrics are token sums, so the evaluation batch changes nothing but speed: 50 rows per batch were 1.3-1.5x
     # slower per evaluation than 8 in fp32 on 2 AVX2 cores (race-exploration, costs; matrix products on ~1,000-row
     # operands ran at 95-117 GFLOP/s there, on ~6,000-row ones at 73).
-    eval_batch_size=8,
+    per_device_eval_batch_size=8,
     learning_rate=2e-3,
     lora_r=32,
     lora_alpha=32,
@@ -74,8 +98,8 @@ PRESETS: dict[str, RacePreset] = {
     "cpu-demo": RacePreset(**_CPU, plws=(1.0, 0.1, 0.0), max_steps=60, eval_steps=30),
     "cpu-long": RacePreset(**_CPU, plws=ARTICLE_SWEEP, max_steps=100, eval_steps=25),
     "paper": RacePreset(
-        model="meta-llama/Llama-2-7b-chat-hf",
-        dataset="ehovy/race",
+        model_name_or_path="meta-llama/Llama-2-7b-chat-hf",
+        dataset_name="ehovy/race",
         synthetic_length="mixed",
         synthetic_residents=None,
         train_examples=None,
@@ -84,15 +108,15 @@ PRESETS: dict[str, RacePreset] = {
         eval_packed_rows=500,
         num_train_epochs=10,
         eval_steps=20,
-        batch_size=8,
-        eval_batch_size=16,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
         learning_rate=2e-4,
         lora_r=64,
         lora_alpha=64,
         lora_dropout=0.1,
         max_length=2048,
         packing=True,
-        gradient_checkpointing=True,
+        activation_checkpointing=True,
     ),
 }
 
@@ -102,12 +126,17 @@ def _load(preset: RacePreset, split: str, n: int | None, seed: int):
     from trl_plw.experiments.data.race import load_race
 
     extra = (
-        {"length": preset.synthetic_length, "residents": preset.synthetic_residents}
-        if preset.dataset in ("synthetic", "race-synthetic")
+        {
+            "length": preset.synthetic_length
+            if "," not in preset.synthetic_length
+            else _int_range(preset.synthetic_length),
+            "residents": _int_range(preset.synthetic_residents),
+        }
+        if preset.dataset_name in ("synthetic", "race-synthetic")
         else {}
     )
     return load_race(
-        preset.dataset,
+        preset.dataset_name,
         config=preset.dataset_config or "all",
         split=split,
         n=n,
@@ -170,7 +199,7 @@ def load_race_splits(preset: RacePreset, seed: int = 0, tokenizer: Any | None = 
         if tokenizer is None:
             from trl_plw.experiments.offline_model import load_tokenizer
 
-            tokenizer = load_tokenizer(preset.model)
+            tokenizer = load_tokenizer(preset.model_name_or_path)
         if preset.train_packed_rows:
             train, _ = select_packed_rows(train, tokenizer, preset.max_length, preset.train_packed_rows,
                                           preset.subsample_seed)  # fmt: skip
@@ -228,9 +257,9 @@ def memory_estimate(sizes: dict[str, int], preset: RacePreset) -> dict[str, floa
     lora = preset.lora_r > 0
     adapted = adapted_layer_count(preset.lora_last_layers, n_layers) if lora else n_layers
     trainable = adapted * sum(preset.lora_r * (a + b) for a, b in linear_shapes) if lora else params
-    tokens = preset.batch_size * preset.max_length
+    tokens = preset.per_device_train_batch_size * preset.max_length
     per_layer = 34 * tokens * h
-    if preset.gradient_checkpointing:
+    if preset.activation_checkpointing:
         # TRL makes the input embeddings require grad under checkpointing, so every layer's input is kept.
         activations = n_layers * 2 * tokens * h + per_layer
     else:
@@ -254,7 +283,7 @@ def _dry_run_tokenizer(preset: RacePreset, name: str | None) -> tuple[Any, str]:
     from trl_plw.experiments.offline_model import load_tokenizer
 
     try:
-        return load_tokenizer(name or preset.model), name or preset.model
+        return load_tokenizer(name or preset.model_name_or_path), name or preset.model_name_or_path
     except Exception as err:  # noqa: BLE001 - Hub unreachable, gated model, missing folder: all fall back
         if name is not None:
             raise
@@ -263,7 +292,7 @@ def _dry_run_tokenizer(preset: RacePreset, name: str | None) -> tuple[Any, str]:
         tokenizer = load_tokenizer("smollm2-135m")
         tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
         note = (
-            f"{preset.model} unreachable ({type(err).__name__}); token counts from the offline SmolLM2 tokenizer "
+            f"{preset.model_name_or_path} unreachable ({type(err).__name__}); token counts from the offline SmolLM2 tokenizer "
             "with the Llama-2 chat template set on it: the template is exact, the counts approximate"
         )
         return tokenizer, note
@@ -272,12 +301,12 @@ def _dry_run_tokenizer(preset: RacePreset, name: str | None) -> tuple[Any, str]:
 def _dry_run_data(preset: RacePreset) -> tuple[Any, Any, str]:
     try:
         train, evaluation = _load(preset, "train", preset.train_examples, 0), _load(preset, "validation", None, 0)
-        return train, evaluation, preset.dataset
+        return train, evaluation, preset.dataset_name
     except Exception as err:  # noqa: BLE001 - Hub unreachable: the synthetic rows follow the same schema
-        synthetic = replace(preset, dataset="synthetic", synthetic_length="mixed", synthetic_residents=None)
+        synthetic = replace(preset, dataset_name="synthetic", synthetic_length="mixed", synthetic_residents=None)
         n_train = 12 * (preset.train_packed_rows or 100)  # enough rows to fill the packed rows of 2,048 tokens
         n_eval = 12 * (preset.eval_packed_rows or 100)
-        note = f"{preset.dataset} unreachable ({type(err).__name__}); synthetic RACE rows in the same Hub schema"
+        note = f"{preset.dataset_name} unreachable ({type(err).__name__}); synthetic RACE rows in the same Hub schema"
         return _load(synthetic, "train", n_train, 0), _load(synthetic, "validation", n_eval, 0), note
 
 
@@ -315,11 +344,13 @@ def dry_run(preset: RacePreset, tokenizer_name: str | None = None, world_size: i
         splits[name] = stats
     report["splits"] = splits
     rows = splits["train"]["packed_rows"]
-    steps_per_epoch = math.ceil(rows / (preset.batch_size * preset.grad_accum * world_size))
+    steps_per_epoch = math.ceil(
+        rows / (preset.per_device_train_batch_size * preset.gradient_accumulation_steps * world_size)
+    )
     total = preset.max_steps if preset.max_steps > 0 else math.ceil(steps_per_epoch * preset.num_train_epochs)
     report["optimizer_steps"] = {"per_epoch": steps_per_epoch, "total": total,
                                  "evaluations": total // preset.eval_steps + 1}  # fmt: skip
-    sizes, sizes_note = _model_sizes(preset.model)
+    sizes, sizes_note = _model_sizes(preset.model_name_or_path)
     report["memory"] = {**memory_estimate(sizes, preset), "sizes": sizes_note}
     print(format_dry_run(preset, report))
     return report
@@ -328,7 +359,7 @@ def dry_run(preset: RacePreset, tokenizer_name: str | None = None, world_size: i
 def format_dry_run(preset: RacePreset, report: dict[str, Any]) -> str:
     m, s = report["memory"], report["optimizer_steps"]
     lines = [
-        f"trl-plw race --dry-run: model {preset.model}, {len(preset.plws)} weights {list(preset.plws)}",
+        f"trl-plw race --dry-run: model {preset.model_name_or_path}, {len(preset.plws)} weights {list(preset.plws)}",
         f"  tokenizer: {report['tokenizer']}",
         f"  data: {report['data']}",
         "  one formatted row (chat template, article cut to 300 characters):",
@@ -348,8 +379,8 @@ def format_dry_run(preset: RacePreset, report: dict[str, Any]) -> str:
             line += f" (fill {st['fill']:.1%}, {st['examples_dropped_too_long']} longer examples dropped)"
         lines.append(line)
     lines.append(
-        f"  optimizer steps: {s['per_epoch']} per epoch (batch {preset.batch_size} x accumulation "
-        f"{preset.grad_accum}), {s['total']} in total, {s['evaluations']} evaluations (every {preset.eval_steps})"
+        f"  optimizer steps: {s['per_epoch']} per epoch (batch {preset.per_device_train_batch_size} x accumulation "
+        f"{preset.gradient_accumulation_steps}), {s['total']} in total, {s['evaluations']} evaluations (every {preset.eval_steps})"
     )
     lines.append(
         f"  memory estimate per GPU ({m['sizes']}): {m['parameters_billion']:.2f}B parameters, weights "

@@ -23,57 +23,100 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 ARTICLE_SWEEP = (1.0, 0.5, 0.2, 0.1, 0.01, 0.0)
+logger = logging.getLogger(__name__)
 Z_95 = 1.959963984540054
 
 
-@dataclass
-class SweepConfig:
-    """Knobs of one sweep; every field can be overridden from the command line (``--field-name``)."""
+def help_field(text: str, **kwargs: Any) -> Any:
+    """A dataclass field with TRL's ``metadata={"help": ...}`` (what the command's ``--help`` prints)."""
+    return field(metadata={"help": text}, **kwargs)
 
-    model: str = "smollm2-135m"
-    dataset: str = ""
-    dataset_config: str | None = None
-    train_split: str = "train"
-    # None: hold out `eval_examples` rows of the training split (a single local file has one split).
-    eval_split: str | None = None
-    prompt_column: str = "prompt"
-    completion_column: str = "completion"
-    messages_column: str | None = None
-    text_column: str | None = None
-    # Plain-text data: where the completion starts (and, for multi-turn text, where a prompt starts).
-    response_template: str | None = None
-    instruction_template: str | None = None
-    # Single-token answers (e.g. A B C D): enables per-example answer accuracy and its confidence intervals.
-    answer_tokens: tuple[str, ...] | None = None
-    train_examples: int | None = None
-    eval_examples: int | None = 200
+
+@dataclass
+class SweepArguments:
+    """What only a sweep has: the weights and seeds to sweep, the data, the adapters, the evaluation holdout.
+
+    Every training setting is a `PLWConfig` field under its own name (``--per_device_train_batch_size``,
+    ``--learning_rate``, ...): ``trl-plw sweep`` parses this class together with PLWConfig, like ``trl-plw sft``.
+    A new axis of the sweep is a field here and a loop in `run_sweep` (see ``plws``/``seeds``).
+    """
+
+    model_name_or_path: str = help_field("Model to fine-tune: a Hub id, a local folder, or the offline 'smollm2-135m'.",
+                                    default="smollm2-135m")  # fmt: skip
+    dataset_name: str = help_field("Dataset: a Hub id or a local json/jsonl/parquet/csv file.", default="")
+    dataset_config: str | None = help_field("The dataset's configuration name, if it has several.", default=None)
+    dataset_train_split: str = help_field("Split to train on.", default="train")
+    dataset_test_split: str | None = help_field(
+        "Split to evaluate on. None: hold rows of the training split out (see eval_examples); a single local file "
+        "has one split.",
+        default=None,
+    )
+    prompt_column: str = help_field("Prompt column (prompt-completion data).", default="prompt")
+    completion_column: str = help_field("Completion column (prompt-completion data).", default="completion")
+    messages_column: str | None = help_field("Conversation column (chat data), if not 'messages'.", default=None)
+    text_column: str | None = help_field("Plain-text column; needs response_template.", default=None)
+    train_examples: int | None = help_field("Train on at most this many rows (None: all).", default=None)
+    eval_examples: int | None = help_field(
+        "Evaluation rows. With dataset_test_split, at most this many of it; without, this many are held out of "
+        "the training split. None: min(200, a fifth of the rows), stated in the log.",
+        default=None,
+    )
+    lora_r: int = help_field("LoRA rank on all linear layers; 0 = full fine-tuning.", default=16)
+    lora_alpha: int = help_field("LoRA alpha.", default=16)
+    lora_dropout: float = help_field("LoRA dropout.", default=0.05)
+    # Without gradient checkpointing (with it, TRL makes the input embeddings require grad), backpropagation stops
+    # at the lowest adapted layer, so a step costs less (measured on 2 CPU cores: -23% with the top 15 of SmolLM2's
+    # 30 layers).
+    lora_last_layers: int | None = help_field(
+        "LoRA on the last N decoder layers only (None: every layer); backward then stops below them.", default=None
+    )
+    attn_implementation: str | None = help_field(
+        "None/'auto': trl_plw.attention.select_attn_implementation (sdpa on CPU, a varlen kernel for packed GPU "
+        "rows); or a name ('eager', 'sdpa', ...), validated against the device.",
+        default=None,
+    )
+    # Lists for the parser (HfArgumentParser reads list fields as nargs="+"); a SweepConfig holds them as tuples.
+    seeds: list[int] = help_field("Seeds; each weight is trained once per seed.", default_factory=lambda: [0])
+    plws: list[float] = help_field(
+        "Prompt loss weights to sweep (alias: --plw).", default_factory=lambda: list(ARTICLE_SWEEP)
+    )
+    # Before the first step every weight has the same model (LoRA's B starts at zero), so its step-0 metrics are
+    # the same; only `eval_loss`, the weighted mean, depends on the weight, and it is left out of the copies.
+    share_initial_eval: bool = help_field(
+        "Evaluate the untrained model once per seed instead of once per run ((weights - 1) evaluations saved).",
+        default=True,
+    )
+
+
+RUN_FIELDS = ("output_dir", "prompt_loss_weight", "seed", "data_seed", "eval_on_start")
+"""PLWConfig fields each run sets itself: ``extra`` may not hold them (the weight and seed are the sweep's axes)."""
+
+
+@dataclass
+class SweepConfig(SweepArguments):
+    """One sweep: `SweepArguments` plus the training settings of every run, as `PLWConfig` fields of the same name
+    (the sweep's defaults below; `build_config` passes them on by name). ``extra``: any other PLWConfig keyword."""
+
     max_steps: int = -1
     num_train_epochs: float = 1.0
     eval_steps: int = 20
-    batch_size: int = 8
-    eval_batch_size: int = 32
-    grad_accum: int = 1
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3
     lr_scheduler_type: str = "constant_with_warmup"
-    warmup_ratio: float = 0.05
+    warmup_steps: float = 0.05  # < 1: a fraction of the steps
     weight_decay: float = 0.001
     max_grad_norm: float = 0.3
-    # LoRA rank on all linear layers; 0 = full fine-tuning.
-    lora_r: int = 16
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    # LoRA on the last N decoder layers only (None: every layer). Without gradient checkpointing (with it, TRL makes
-    # the input embeddings require grad), backpropagation then stops at the lowest adapted layer, so a step costs
-    # less (measured on 2 CPU cores: -23% with the top 15 of SmolLM2's 30 layers).
-    lora_last_layers: int | None = None
     max_length: int = 1024
     # Padded on CPU: without a varlen kernel, sdpa computes a packed row's full T^2 attention under a block mask,
     # which costs more than the padding it saves (measured: an eval pass 6x slower packed). GPUs pack.
@@ -81,25 +124,36 @@ class SweepConfig:
     # None: bf16 only where it is native (accelerators with bf16, CPUs with AVX512-BF16/AMX/Arm BF16), else fp32;
     # emulated bf16 is ~3x slower than fp32 on CPU (trl_plw.precision).
     bf16: bool | None = None
-    gradient_checkpointing: bool = False
-    # None/"auto": `trl_plw.attention.select_attn_implementation` (sdpa on CPU, a varlen kernel for packed GPU rows);
-    # or a name ("eager", "sdpa", ...), validated against the device.
-    attn_implementation: str | None = None
+    activation_checkpointing: bool = False
     loss_normalization: str = "weights"
-    seeds: tuple[int, ...] = (0,)
-    plws: tuple[float, ...] = ARTICLE_SWEEP
-    # Evaluate the untrained model once per seed instead of once per run: before the first step every weight has
-    # the same model (LoRA's B starts at zero), so its step-0 metrics are the same; only `eval_loss`, the weighted
-    # mean, depends on the weight, and it is left out of the copies. Saves (weights - 1) evaluations per seed.
-    share_initial_eval: bool = True
+    # Single-token answers (e.g. A B C D): enables per-example answer accuracy and its confidence intervals.
+    answer_tokens: tuple[str, ...] | None = None
+    # Plain-text data: where the completion starts (and, for multi-turn text, where a prompt starts).
+    response_template: str | None = None
+    instruction_template: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.seeds, self.plws = tuple(self.seeds), tuple(self.plws)
+        if self.answer_tokens is not None:
+            self.answer_tokens = tuple(self.answer_tokens)
+        clash = sorted(set(self.extra) & set(RUN_FIELDS))
+        if clash:
+            raise ValueError(
+                f"{', '.join(clash)} cannot be set for a sweep: each run sets it (the weights are --plws, the seeds "
+                "--seeds, and each run's folder is under --output_dir)."
+            )
         if self.lora_last_layers is not None and self.lora_r <= 0:
             raise ValueError(
                 f"lora_last_layers={self.lora_last_layers} places LoRA adapters, but lora_r={self.lora_r} means full "
                 "fine-tuning, which trains every layer; set lora_r > 0 or leave lora_last_layers unset"
             )
+
+
+TRAINING_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in fields(SweepConfig) if f.name not in SweepArguments.__dataclass_fields__ and f.name != "extra"
+)
+"""The `PLWConfig` fields a sweep sets for every run, under their PLWConfig names."""
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -108,13 +162,15 @@ def load_sweep_splits(config: SweepConfig, seed: int = 0):
 
     RACE-schema tables (article, question, options, answer) are formatted with the RACE template; prompt-completion,
     ``messages`` and text columns pass through unchanged (PLWTrainer applies chat and response templates). Without
-    an ``eval_split``, ``eval_examples`` rows are held out of the training split, drawn with ``seed``.
+    a ``dataset_test_split``, `holdout_size` rows are held out of the training split, drawn with ``seed``.
     """
     from trl_plw.experiments.data.race import format_race_example, load_raw_dataset
 
-    raw = load_raw_dataset(config.dataset, config.dataset_config, config.train_split)
+    raw = load_raw_dataset(config.dataset_name, config.dataset_config, config.dataset_train_split)
     raw_eval = (
-        load_raw_dataset(config.dataset, config.dataset_config, config.eval_split) if config.eval_split else None
+        load_raw_dataset(config.dataset_name, config.dataset_config, config.dataset_test_split)
+        if config.dataset_test_split
+        else None
     )
 
     def prepare(table):
@@ -139,7 +195,7 @@ def load_sweep_splits(config: SweepConfig, seed: int = 0):
         if "text" in columns:
             return table.select_columns(["text"])
         raise ValueError(
-            f"{config.dataset}: found columns {columns}; expected prompt/completion (--prompt-column, "
+            f"{config.dataset_name}: found columns {columns}; expected prompt/completion (--prompt-column, "
             "--completion-column), messages (--messages-column), text (--text-column with --response-template) "
             "or the RACE schema"
         )
@@ -150,13 +206,43 @@ def load_sweep_splits(config: SweepConfig, seed: int = 0):
         if config.eval_examples is not None and config.eval_examples < len(evaluation):
             evaluation = evaluation.shuffle(seed=seed).select(range(config.eval_examples))
     else:
-        n_eval = config.eval_examples if config.eval_examples is not None else max(1, len(train) // 10)
-        if n_eval >= len(train):
-            raise ValueError(f"{config.dataset}: {len(train)} rows cannot hold out {n_eval} for evaluation")
+        n_eval = holdout_size(len(train), config.eval_examples, config.dataset_name)
         evaluation, train = train.select(range(n_eval)), train.select(range(n_eval, len(train)))
     if config.train_examples is not None and config.train_examples < len(train):
         train = train.select(range(config.train_examples))
     return train, evaluation
+
+
+AUTO_HOLDOUT_MAX, AUTO_HOLDOUT_FRACTION = 200, 5
+
+
+def holdout_size(n_rows: int, eval_examples: int | None, dataset: str) -> int:
+    """Rows to hold out of an ``n_rows`` training split for evaluation.
+
+    ``eval_examples=None`` picks min(200, a fifth of the rows) and says so in the log: enough items for the
+    accuracy intervals on a large set, and a small file still keeps four fifths to train on. An explicit number
+    that leaves nothing to train on is refused, naming the two ways out.
+    """
+    if eval_examples is None:
+        n_eval = min(AUTO_HOLDOUT_MAX, n_rows // AUTO_HOLDOUT_FRACTION)
+        if n_eval < 1:
+            raise ValueError(
+                f"{dataset}: {n_rows} rows are too few to hold any out for evaluation; pass a separate split with "
+                "--dataset_test_split, or more data."
+            )
+        logger.warning(
+            "%s: holding out %d of %d training rows for evaluation (min(%d, 1/%d of the rows); set --eval_examples "
+            "or --dataset_test_split to choose).",
+            dataset, n_eval, n_rows, AUTO_HOLDOUT_MAX, AUTO_HOLDOUT_FRACTION,
+        )  # fmt: skip
+        return n_eval
+    if not 1 <= eval_examples < n_rows:
+        raise ValueError(
+            f"{dataset}: {n_rows} rows cannot hold out eval_examples={eval_examples} for evaluation and still train; "
+            f"pass a smaller --eval_examples (below {n_rows}; leave it unset for min({AUTO_HOLDOUT_MAX}, 1/"
+            f"{AUTO_HOLDOUT_FRACTION} of the rows)) or evaluate on another split with --dataset_test_split."
+        )
+    return eval_examples
 
 
 # ---------------------------------------------------------------------------------------------------------- runs
@@ -170,47 +256,27 @@ def resolve_bf16(config: SweepConfig) -> bool:
 
 
 def build_config(config: SweepConfig, plw: float, output_dir: Path, seed: int = 0, *, eval_on_start: bool = True):
-    """The `PLWConfig` of one run: one weight, one seed, evaluation on a step schedule (from step 0 by default)."""
+    """The `PLWConfig` of one run: the sweep's training fields by name, then one weight and one seed, evaluated on
+    a step schedule (from step 0 by default). ``config.extra`` may change the schedule, logging or reporting."""
     import torch
 
     from trl_plw.trainer import PLWConfig
 
-    extra = dict(config.extra)
-    if config.response_template is not None:
-        extra.setdefault("response_template", config.response_template)
-    if config.instruction_template is not None:
-        extra.setdefault("instruction_template", config.instruction_template)
-    return PLWConfig(
-        output_dir=str(output_dir),
-        prompt_loss_weight=plw,
-        loss_normalization=config.loss_normalization,
-        max_steps=config.max_steps,
-        num_train_epochs=config.num_train_epochs,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.eval_batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=config.warmup_ratio,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        max_length=config.max_length,
-        packing=config.packing,
+    kwargs: dict[str, Any] = {name: getattr(config, name) for name in TRAINING_FIELDS}
+    kwargs.update(
+        bf16=resolve_bf16(config),
+        answer_tokens=list(config.answer_tokens) if config.answer_tokens else None,
         eval_strategy="steps",
-        eval_steps=config.eval_steps,
-        eval_on_start=eval_on_start,
         logging_steps=max(1, config.eval_steps // 2),
         save_strategy="no",
         report_to="none",
-        bf16=resolve_bf16(config),
-        activation_checkpointing=config.gradient_checkpointing,  # transformers >= 5.23's name
         use_cpu=not torch.cuda.is_available(),
-        seed=seed,
-        data_seed=seed,
-        answer_tokens=list(config.answer_tokens) if config.answer_tokens else None,
         dataloader_num_workers=0,
-        **extra,
     )
+    kwargs.update(config.extra)
+    kwargs.update(output_dir=str(output_dir), prompt_loss_weight=plw, seed=seed, data_seed=seed,
+                  eval_on_start=eval_on_start)  # fmt: skip
+    return PLWConfig(**kwargs)
 
 
 def _text_length(value: Any) -> int:
@@ -364,13 +430,15 @@ def run_one(
     bf16 = resolve_bf16(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     attn = select_attn_implementation(device, packed=config.packing, requested=config.attn_implementation)
-    model = load_model(config.model, dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation=attn)
+    model = load_model(
+        config.model_name_or_path, dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation=attn
+    )
     trainer = PLWTrainer(
         model,
         args=build_config(config, plw, output_dir, seed, eval_on_start=initial_eval is None),
         train_dataset=train,
         eval_dataset=sort_by_length(evaluation),
-        processing_class=load_tokenizer(config.model),
+        processing_class=load_tokenizer(config.model_name_or_path),
         peft_config=_lora_config(config, model) if config.lora_r > 0 else None,
         callbacks=[Recorder(), TrainingRngIndependentOfInitialEval()],
     )
@@ -416,13 +484,15 @@ def run_sweep(
     """
     from tqdm.auto import tqdm
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         check_resumable(config, output_dir)
+    # The data loads before config.json is written: a start that fails on its data (a missing file, a holdout
+    # that does not fit) leaves nothing that would bind the corrected rerun to its settings.
+    datasets: dict[int, tuple[Any, Any]] = {config.seeds[0]: load_splits(config, config.seeds[0])}
+    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
     jobs = [(seed, plw) for seed in config.seeds for plw in config.plws]
     all_events: list[dict[str, Any]] = []
-    datasets: dict[int, tuple[Any, Any]] = {}
     bar = tqdm(jobs, desc="PLW sweep", unit="run")
     for seed, plw in bar:
         bar.set_postfix(plw=f"{plw:g}", seed=seed)
@@ -435,10 +505,8 @@ def run_sweep(
         initial = _initial_eval(all_events, seed) if config.share_initial_eval else None
         all_events += run_one(config, plw, folder, datasets[seed], seed, initial_eval=initial)
     first = config.seeds[0]
-    if first not in datasets:  # everything resumed: the splits are still needed for n_eval and Rg
-        datasets[first] = load_splits(config, first)
     n_eval = len(datasets[first][1])
-    gen_ratio = generation_ratio(datasets[first][0], config.model)
+    gen_ratio = generation_ratio(datasets[first][0], config.model_name_or_path)
     return write_reports(config, all_events, output_dir, n_eval, gen_ratio, plots=plots, plot_name=plot_name)
 
 
@@ -450,10 +518,12 @@ def check_resumable(config: SweepConfig, output_dir: Path) -> None:
     """Refuse to resume ``output_dir`` with settings other than the ones its finished runs were trained with.
 
     A resumed sweep reads finished runs back instead of retraining them, so a changed learning rate, step count or
-    dataset would silently put runs of two different sweeps into one table.
+    dataset would silently put runs of two different sweeps into one table. Only finished runs (``done.json``)
+    bind: a folder whose sweep never finished a run (a failed start, a run killed half-way, which is retrained
+    from scratch anyway) takes the new settings.
     """
     path = output_dir / "config.json"
-    if not path.is_file():
+    if not path.is_file() or not any(output_dir.rglob("done.json")):
         return
     before = json.loads(path.read_text())
     now = json.loads(json.dumps(asdict(config)))  # tuples as lists, as the file holds them

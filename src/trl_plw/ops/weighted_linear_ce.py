@@ -269,29 +269,49 @@ class _PerTokenHead(torch.autograd.Function):
 
 
 def _check_tensors(hidden, weight, targets, token_weights, bias) -> None:
-    """Types, shapes and devices of the tensor arguments (no host reads)."""
-    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    """Types, shapes and devices of the tensor arguments (no host reads), one concern per helper."""
+    _check_head_operands(hidden, weight)
+    _check_targets(targets, hidden.shape[0])
+    _check_optional_vectors(token_weights, bias, hidden.shape[0], weight.shape[0])
+    _check_devices(hidden, weight=weight, targets=targets, token_weights=token_weights, bias=bias)
+
+
+def _check_is_tensor(name: str, t, optional: bool = False) -> None:
+    if not isinstance(t, torch.Tensor):
+        kind = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{name} must be {kind}, got {type(t).__name__}.")
+
+
+def _check_floating(name: str, t: torch.Tensor, fix: str = "") -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}{fix}.")
+
+
+def _check_head_operands(hidden, weight) -> None:
+    """``hidden [N, H]`` and ``weight [V, H]``: 2-D floating matrices sharing ``H``."""
+    _check_is_tensor("hidden", hidden)
+    _check_is_tensor("weight", weight)
     if hidden.dim() != 2:
         raise ValueError(
             f"hidden must be 2-D [N, H], got shape {tuple(hidden.shape)}; flatten the batch dims first, "
             "e.g. hidden.reshape(-1, hidden.shape[-1])."
         )
-    if not hidden.is_floating_point():
-        raise TypeError(f"hidden must be a floating tensor, got dtype {hidden.dtype}.")
+    _check_floating("hidden", hidden)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [V, H] (the LM head weight), got shape {tuple(weight.shape)}.")
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating tensor, got dtype {weight.dtype}.")
-    n, h = hidden.shape
-    if weight.shape[1] != h:
+    _check_floating("weight", weight)
+    if weight.shape[1] != hidden.shape[1]:
         raise ValueError(
-            f"weight must be [V, H] with H = hidden.shape[1] = {h}, got shape {tuple(weight.shape)}; "
+            f"weight must be [V, H] with H = hidden.shape[1] = {hidden.shape[1]}, got shape {tuple(weight.shape)}; "
             "pass the head weight as stored by nn.Linear (out_features x in_features), not its transpose."
         )
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocabulary dimension (V = 0).")
+
+
+def _check_targets(targets, n: int) -> None:
+    """``targets [N]``, an integer tensor (its values are checked later, with the one host read)."""
+    _check_is_tensor("targets", targets)
     if targets.dim() != 1 or targets.shape[0] != n:
         raise ValueError(
             f"targets must be 1-D [N] with N = hidden.shape[0] = {n}, got shape {tuple(targets.shape)}; "
@@ -299,33 +319,31 @@ def _check_tensors(hidden, weight, targets, token_weights, bias) -> None:
         )
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor (torch.long), got dtype {targets.dtype}.")
-    tensors = {"weight": weight, "targets": targets}
+
+
+def _check_optional_vectors(token_weights, bias, n: int, vocab: int) -> None:
+    """``token_weights [N]`` and ``bias [V]``, when given: 1-D floating tensors of the right length."""
     if token_weights is not None:
-        if not isinstance(token_weights, torch.Tensor):
-            raise TypeError(f"token_weights must be a torch.Tensor or None, got {type(token_weights).__name__}.")
+        _check_is_tensor("token_weights", token_weights, optional=True)
         if token_weights.dim() != 1 or token_weights.shape[0] != n:
             raise ValueError(
                 f"token_weights must be 1-D [N] with N = hidden.shape[0] = {n}, got shape "
                 f"{tuple(token_weights.shape)}; flatten it like hidden."
             )
-        if not token_weights.is_floating_point():
-            raise TypeError(
-                f"token_weights must be a floating tensor, got dtype {token_weights.dtype}; "
-                "convert it with token_weights.float()."
-            )
-        tensors["token_weights"] = token_weights
+        _check_floating("token_weights", token_weights, "; convert it with token_weights.float()")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}.")
-        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+        _check_is_tensor("bias", bias, optional=True)
+        if bias.dim() != 1 or bias.shape[0] != vocab:
             raise ValueError(
-                f"bias must be 1-D [V] with V = weight.shape[0] = {weight.shape[0]}, got shape {tuple(bias.shape)}."
+                f"bias must be 1-D [V] with V = weight.shape[0] = {vocab}, got shape {tuple(bias.shape)}."
             )
-        if not bias.is_floating_point():
-            raise TypeError(f"bias must be a floating tensor, got dtype {bias.dtype}.")
-        tensors["bias"] = bias
+        _check_floating("bias", bias)
+
+
+def _check_devices(hidden, **tensors) -> None:
+    """Every tensor argument on ``hidden``'s device (the op moves nothing behind the caller's back)."""
     for name, t in tensors.items():
-        if t.device != hidden.device:
+        if t is not None and t.device != hidden.device:
             raise ValueError(
                 f"{name} is on {t.device} but hidden is on {hidden.device}; move it with .to(hidden.device)."
             )
@@ -360,7 +378,9 @@ def _check_math(hidden, reduction, normalizer, softcap, logit_scale) -> None:
         raise ValueError(f"logit_scale must be a finite float, got {logit_scale!r}.")
 
 
-def _count_and_check(scored, targets, valid, token_weights, normalizer, vocab, ignore_index, options) -> int:
+def _count_and_check(
+    scored, valid, targets, *, token_weights, normalizer, vocab: int, ignore_index: int, options: KernelOptions
+) -> int:
     """The number of scored tokens, read back together with the value checks' flags: one host read per call.
 
     The count sizes the compaction and the tiles, so it must reach the host anyway; the flags ride along, so value
@@ -495,20 +515,7 @@ def weighted_linear_cross_entropy(
     _check_math(hidden, reduction, normalizer, softcap, logit_scale)
     device = hidden.device
     n_tokens = hidden.shape[0]
-    vocab = weight.shape[0]
-    impl, epilogue = _pick_impl(options, device)
-
-    # dtypes
-    autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
-    if autocast and hidden.dtype in _AUTOCAST_ELIGIBLE and weight.dtype in _AUTOCAST_ELIGIBLE:
-        compute_dtype = torch.get_autocast_dtype(device.type)
-    else:
-        if hidden.dtype != weight.dtype:
-            raise TypeError(
-                f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype outside autocast; "
-                "cast hidden to weight.dtype or run under torch.autocast."
-            )
-        compute_dtype = hidden.dtype
+    compute_dtype = _compute_dtype(hidden, weight)
     acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
 
     # which tokens are scored
@@ -521,7 +528,16 @@ def weighted_linear_cross_entropy(
     else:
         w = torch.where(valid, token_weights.to(acc_dtype), 0)
         scored = valid if score_zero_weight_tokens else valid & (w != 0)
-    m = _count_and_check(scored, targets, valid, token_weights, normalizer, vocab, ignore_index, options)
+    m = _count_and_check(
+        scored,
+        valid,
+        targets,
+        token_weights=token_weights,
+        normalizer=normalizer,
+        vocab=weight.shape[0],
+        ignore_index=ignore_index,
+        options=options,
+    )
     compact = m != n_tokens
     if compact:
         idx = torch.nonzero_static(scored, size=m).squeeze(1) if m else scored.new_zeros(0, dtype=torch.long)
@@ -529,59 +545,26 @@ def weighted_linear_cross_entropy(
     else:
         h_c, t_c, w_c = hidden, targets, w
 
-    if options.memory_budget_bytes is not None:
-        budget = options.memory_budget_bytes
-    else:
-        budget = default_memory_budget(device, vocab * hidden.shape[1] * (8 if acc_dtype == torch.float64 else 4))
     grad_on = torch.is_grad_enabled()
-    need_gh = grad_on and hidden.requires_grad
-    need_gw = grad_on and weight.requires_grad
-    need_gb = grad_on and bias is not None and bias.requires_grad
-    any_grad = need_gh or need_gw or need_gb
-    if impl == "fused":
-        rows = fused_rows_per_tile(
-            vocab, budget, tile_dtype=compute_dtype, acc_dtype=acc_dtype, torch_epilogue=epilogue == "torch"
-        )
-    else:
-        rows = rows_per_tile(
-            vocab, budget, acc_dtype=acc_dtype, compute_dtype=compute_dtype, softcap=softcap is not None and any_grad
-        )
-    cfg = _HeadConfig(
-        logit_scale=float(logit_scale),
-        softcap=None if softcap is None else float(softcap),
-        compute_dtype=compute_dtype,
-        acc_dtype=acc_dtype,
-        rows=rows,
-        want_argmax=return_token_stats,
-        impl=impl,
-        vocab_major=impl == "torch"
-        and ((device.type == "cpu") if options.vocab_major is None else options.vocab_major),
-        epilogue=epilogue,
+    needs = (
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
     )
+    cfg = _head_config(hidden, weight, softcap, logit_scale, compute_dtype, any(needs), return_token_stats, options)
 
     if reduction == "none":
-        if any_grad:
-            ce_c, arg_c = _PerTokenHead.apply(h_c, weight, bias, t_c, cfg, need_gh, need_gw, need_gb)
+        if any(needs):
+            ce_c, arg_c = _PerTokenHead.apply(h_c, weight, bias, t_c, cfg, *needs)
         else:
             with _autocast_off(device.type):
                 ce_c, arg_c, _, _, _ = _head_pass(h_c.detach(), weight.detach(), _detach(bias), t_c, None, cfg)
         per_tok = w_c * ce_c
         loss = per_tok.new_zeros(n_tokens).index_copy(0, idx, per_tok) if compact else per_tok
     else:
-        if normalizer is None:
-            denom = w_c.sum() if reduction == "mean" else None
-        elif isinstance(normalizer, torch.Tensor):
-            denom = normalizer.detach().reshape(()).to(device=device, dtype=acc_dtype)
-        else:
-            denom = float(normalizer)  # a kernel argument: no host-to-device copy (which would sync)
-        if denom is None:
-            coef = w_c
-        elif isinstance(denom, float):
-            coef = w_c / denom if denom != 0 else torch.zeros_like(w_c)
-        else:
-            coef = torch.where(denom != 0, w_c / denom, torch.zeros_like(w_c))
-        if any_grad:
-            loss, ce_c, arg_c = _ReducedHead.apply(h_c, weight, bias, t_c, coef, cfg, need_gh, need_gw, need_gb)
+        coef = _loss_coefficients(w_c, reduction, normalizer, device)
+        if any(needs):
+            loss, ce_c, arg_c = _ReducedHead.apply(h_c, weight, bias, t_c, coef, cfg, *needs)
         else:
             with _autocast_off(device.type):
                 ce_c, arg_c, _, _, _ = _head_pass(h_c.detach(), weight.detach(), _detach(bias), t_c, None, cfg)
@@ -597,6 +580,71 @@ def weighted_linear_cross_entropy(
     else:
         ce, is_argmax = ce_c.float(), arg_c
     return loss, TokenStats(ce=ce, is_argmax=is_argmax, scored=scored)
+
+
+# ------------------------------------------------------------------------------------------------- planning
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's where it applies (like ``nn.Linear``), else the inputs' common dtype."""
+    device_type = hidden.device.type
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if autocast and hidden.dtype in _AUTOCAST_ELIGIBLE and weight.dtype in _AUTOCAST_ELIGIBLE:
+        return torch.get_autocast_dtype(device_type)
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype outside autocast; "
+            "cast hidden to weight.dtype or run under torch.autocast."
+        )
+    return hidden.dtype
+
+
+def _head_config(hidden, weight, softcap, logit_scale, compute_dtype, any_grad, want_argmax, options) -> _HeadConfig:
+    """The tile loop's settings: the options resolved for this device, and the tile height from the memory budget."""
+    device = hidden.device
+    vocab = weight.shape[0]
+    acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    impl, epilogue = _pick_impl(options, device)
+    if options.memory_budget_bytes is not None:
+        budget = options.memory_budget_bytes
+    else:
+        budget = default_memory_budget(device, vocab * hidden.shape[1] * (8 if acc_dtype == torch.float64 else 4))
+    if impl == "fused":
+        rows = fused_rows_per_tile(
+            vocab, budget, tile_dtype=compute_dtype, acc_dtype=acc_dtype, torch_epilogue=epilogue == "torch"
+        )
+    else:
+        rows = rows_per_tile(
+            vocab, budget, acc_dtype=acc_dtype, compute_dtype=compute_dtype, softcap=softcap is not None and any_grad
+        )
+    return _HeadConfig(
+        logit_scale=float(logit_scale),
+        softcap=None if softcap is None else float(softcap),
+        compute_dtype=compute_dtype,
+        acc_dtype=acc_dtype,
+        rows=rows,
+        want_argmax=want_argmax,
+        impl=impl,
+        vocab_major=impl == "torch"
+        and ((device.type == "cpu") if options.vocab_major is None else options.vocab_major),
+        epilogue=epilogue,
+    )
+
+
+def _loss_coefficients(w_c: torch.Tensor, reduction: str, normalizer, device: torch.device) -> torch.Tensor:
+    """Per scored token, dLoss/dce: its weight over the denominator (``sum(w)`` for "mean", the normalizer if
+    given, none for "sum"); 0 everywhere when the denominator is 0."""
+    if normalizer is None:
+        denom = w_c.sum() if reduction == "mean" else None
+    elif isinstance(normalizer, torch.Tensor):
+        denom = normalizer.detach().reshape(()).to(device=device, dtype=w_c.dtype)
+    else:
+        denom = float(normalizer)  # a kernel argument: no host-to-device copy (which would sync)
+    if denom is None:
+        return w_c
+    if isinstance(denom, float):
+        return w_c / denom if denom != 0 else torch.zeros_like(w_c)
+    return torch.where(denom != 0, w_c / denom, torch.zeros_like(w_c))
 
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,9 +1,9 @@
-"""Helpers every benchmark shares: machine description, load, memory, device sync, JSON output.
+"""Helpers every benchmark in this folder shares: machine description, load, memory, device sync, JSON output.
 
-They live in the package (not in ``benchmarks/``) because ``trl-plw bench`` runs the throughput benchmark from an
-installed wheel, and that benchmark needs them; the scripts in ``benchmarks/`` import them from here. Only the
-standard library is imported at module level, so a benchmark's ``--help`` stays fast; torch and the Hugging Face
-libraries are imported by the functions that need them.
+Benchmarks are not part of the library (they stay out of the wheel), so their common code lives beside them; a
+script run as ``python benchmarks/x.py`` finds this module on its own path. Only the standard library is imported at
+module level, so a benchmark's ``--help`` stays fast; torch and the Hugging Face libraries are imported by the
+functions that need them.
 """
 
 from __future__ import annotations

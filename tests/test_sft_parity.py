@@ -1,0 +1,173 @@
+"""The drop-in promise: with nothing set, PLWTrainer trains exactly the tokens SFTTrainer trains, with the same loss,
+on every dataset type TRL documents and with TRL's loss switches.
+
+Each case builds both trainers on the same tiny float64 model and data, checks that the prepared rows tokenize
+identically, and compares the trained-target count (SFTTrainer: labels != -100; PLWTrainer: non-zero weights) and
+the loss of the first batch. TRL's head computes its log-sum-exp in float32 whatever the model's dtype, so the loss
+bound is float32 rounding of a log-sum-exp over the vocabulary, sqrt(V) * eps32 relative (the same bound as
+tests/test_trainer.py's parity test); the token counts are exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from test_trainer import PAIRS, common_args, first_rows, tiny
+from transformers import TrainingArguments
+from trl import SFTConfig, SFTTrainer
+
+from trl_plw import PLWConfig, PLWTrainer
+
+ROWS = 4
+
+
+def text_data() -> Dataset:
+    return Dataset.from_list([{"text": f"Question: {p}\nAnswer: {c}"} for p, c in PAIRS])
+
+
+def tokenized_data(tokenizer) -> Dataset:
+    return Dataset.from_list([{"input_ids": tokenizer(f"{p} {c}")["input_ids"]} for p, c in PAIRS])
+
+
+def messages_data() -> Dataset:
+    return Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": p},
+                    {"role": "assistant", "content": c},
+                ]
+            }
+            for p, c in PAIRS
+        ]
+    )
+
+
+def prompt_completion_data() -> Dataset:
+    return Dataset.from_list([{"prompt": f"Question: {p}\nAnswer:", "completion": f" {c}"} for p, c in PAIRS])
+
+
+def conversational_prompt_completion_data() -> Dataset:
+    return Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}]}
+            for p, c in PAIRS
+        ]
+    )
+
+
+DATASETS = {
+    "text": lambda tok: text_data(),
+    "input_ids": tokenized_data,
+    "messages": lambda tok: messages_data(),
+    "prompt_completion": lambda tok: prompt_completion_data(),
+    "conversational_prompt_completion": lambda tok: conversational_prompt_completion_data(),
+}
+
+# (data type, TRL flags): every combination whose meaning SFTTrainer defines on that data. assistant_only_loss is
+# left out: TRL needs a template with {% generation %} markers, which SmolLM2's lacks (SFTTrainer raises).
+CASES = [
+    ("text", {}),
+    ("text", {"completion_only_loss": False}),
+    ("input_ids", {}),
+    ("messages", {}),
+    ("messages", {"completion_only_loss": False}),
+    ("prompt_completion", {}),
+    ("prompt_completion", {"completion_only_loss": True}),
+    ("prompt_completion", {"completion_only_loss": False}),
+    ("conversational_prompt_completion", {}),
+    ("conversational_prompt_completion", {"completion_only_loss": False}),
+]
+
+
+def sft_and_plw(tokenizer, tmp_path, data, plw_args=None, **flags):
+    model = tiny(len(tokenizer))
+    sft = SFTTrainer(
+        copy.deepcopy(model),
+        args=SFTConfig(**common_args(output_dir=str(tmp_path / "sft"), **flags)),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    plw = PLWTrainer(
+        copy.deepcopy(model),
+        args=plw_args if plw_args is not None else PLWConfig(**common_args(output_dir=str(tmp_path / "plw"), **flags)),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    return sft, plw
+
+
+def first_batch_loss(trainer, batch):
+    trainer.model.train()
+    with torch.no_grad():
+        return trainer.compute_loss(trainer.model, dict(batch)).double()
+
+
+def assert_same_training(sft, plw, vocab_size):
+    sft_rows, plw_rows = first_rows(sft.train_dataset, ROWS), first_rows(plw.train_dataset, ROWS)
+    assert [r["input_ids"] for r in sft_rows] == [r["input_ids"] for r in plw_rows]  # same tokenization
+    sft_batch, plw_batch = sft.data_collator(sft_rows), plw.data_collator(plw_rows)
+    sft_trained = int((sft_batch["labels"][:, 1:] != -100).sum())
+    plw_trained = int((plw_batch["loss_weights"][:, 1:] != 0).sum())
+    assert plw_trained == sft_trained
+    assert torch.unique(plw_batch["loss_weights"]).tolist() in ([0.0, 1.0], [1.0])  # SFTTrainer's 0/1 loss
+    sft_loss, plw_loss = first_batch_loss(sft, sft_batch), first_batch_loss(plw, plw_batch)
+    bound = math.sqrt(vocab_size) * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(plw_loss, sft_loss, rtol=bound, atol=bound * sft_loss.abs().item())
+    return sft_trained
+
+
+@pytest.mark.parametrize(("kind", "flags"), CASES, ids=[f"{k}-{f or 'default'}" for k, f in CASES])
+def test_default_plw_trainer_is_sft_trainer(smollm2_tokenizer, tmp_path, kind, flags):
+    data = DATASETS[kind](smollm2_tokenizer)
+    sft, plw = sft_and_plw(smollm2_tokenizer, tmp_path, data, **flags)
+    trained = assert_same_training(sft, plw, len(smollm2_tokenizer))
+    total = sum(len(r["input_ids"]) - 1 for r in first_rows(plw.train_dataset, ROWS))
+    everything = kind in ("text", "input_ids", "messages") or flags.get("completion_only_loss") is False
+    assert (trained == total) == everything  # the case trains what its name says, not only what SFTTrainer does
+
+
+def test_policy_in_force_is_logged_once_in_one_line(smollm2_tokenizer, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="trl_plw.trainer"):
+        sft_and_plw(smollm2_tokenizer, tmp_path, messages_data())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("PLWTrainer policy:")]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "conversational language modeling data" in lines[0] and "prompt_loss_weight=1.0 (default: every token" in (
+        lines[0]
+    )
+
+
+def test_setting_a_weight_switches_weighting_on(smollm2_tokenizer, tmp_path):
+    """The same chat data with prompt_loss_weight set: the prompt side is weighted, the assistant turns are not."""
+    args = PLWConfig(**common_args(output_dir=str(tmp_path / "plw")), prompt_loss_weight=0.25)
+    _, plw = sft_and_plw(smollm2_tokenizer, tmp_path, messages_data(), plw_args=args)
+    batch = plw.data_collator(first_rows(plw.train_dataset, ROWS))
+    assert torch.unique(batch["loss_weights"]).tolist() == [0.0, 0.25, 1.0]
+    assert bool((batch["loss_weights"][batch["completion_mask"]] == 1).all())
+
+
+def test_training_arguments_and_sft_config_are_converted(smollm2_tokenizer, tmp_path):
+    """SFTTrainer accepts a transformers.TrainingArguments (and of course an SFTConfig): so does PLWTrainer, with
+    the default policy, and the caller's object is left as it was."""
+    base = common_args(output_dir=str(tmp_path / "plw"))
+    for args in (TrainingArguments(**base), SFTConfig(**base)):
+        sft, plw = sft_and_plw(smollm2_tokenizer, tmp_path, prompt_completion_data(), plw_args=args)
+        assert isinstance(plw.args, PLWConfig) and plw.args.learning_rate == base["learning_rate"]
+        assert_same_training(sft, plw, len(smollm2_tokenizer))
+    args = PLWConfig(**base)
+    _, plw = sft_and_plw(smollm2_tokenizer, tmp_path, messages_data(), plw_args=args)
+    assert args.prompt_loss_weight is None and plw.args.prompt_loss_weight == 1.0  # resolved on the trainer's copy
+
+
+def test_chunked_nll_is_weighted_like_nll(smollm2_tokenizer, tmp_path):
+    """TRL 1.10-1.15 default to loss_type='chunked_nll' (the same loss by a chunked head; an alias in 1.16)."""
+    flags = {"loss_type": "chunked_nll"}
+    sft, plw = sft_and_plw(smollm2_tokenizer, tmp_path, prompt_completion_data(), **flags)
+    assert plw.args.loss_type == "nll"
+    assert_same_training(sft, plw, len(smollm2_tokenizer))
