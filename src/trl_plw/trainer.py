@@ -414,13 +414,15 @@ class PLWTrainer(SFTTrainer):
         if not is_peft_model(self.model):
             return
         for adapter, config in self.model.peft_config.items():
-            if getattr(config, "is_prompt_learning", False):
+            # Prefix tuning adds prefix keys/values to every layer but no position to the sequence: the head sees
+            # the real tokens' hidden states only, so the weighted loss is exact (tests/test_trainer_heads.py).
+            if getattr(config, "is_prompt_learning", False) and config.peft_type != "PREFIX_TUNING":  # a str enum
                 raise ValueError(
-                    f"peft_config (adapter {adapter!r}) is a {type(config).__name__}, a prompt-learning method: it "
-                    "prepends virtual tokens to every row (prompt tuning, P-tuning) or prefix keys and values to "
-                    "every layer (prefix tuning). Those positions have no token, role or loss weight, and PEFT lets "
-                    "the last virtual token predict the row's first token, which no weighting here describes, so "
-                    "PLWTrainer cannot reproduce that loss. Use an adapter that keeps the sequence as it is "
+                    f"peft_config (adapter {adapter!r}) is a {type(config).__name__}, a prompt-learning method that "
+                    "prepends virtual tokens to every row (prompt tuning, P-tuning). Those positions have no token, "
+                    "role or loss weight, and PEFT lets the last virtual token predict the row's first token, which "
+                    "no weighting here describes, so PLWTrainer cannot reproduce that loss. Use prefix tuning "
+                    "(PrefixTuningConfig, which adds no position) or an adapter that keeps the sequence as it is "
                     "(LoraConfig, including on lm_head)."
                 )
 
