@@ -215,3 +215,27 @@ def test_per_example_chat_template_kwargs_are_honoured(smollm2_tokenizer, tmp_pa
     sft, plw = sft_and_plw(tokenizer, tmp_path, Dataset.from_list(rows))
     assert_same_training(sft, plw, len(tokenizer))
     assert tokenizer.decode(plw.train_dataset[1]["input_ids"]).startswith("Hello 1\n")
+
+
+def test_assistant_only_loss_masks_a_user_turn_inside_the_completion(smollm2_tokenizer, tmp_path):
+    """TRL's assistant_only_loss trains the completion's assistant tokens only (completion mask AND assistant mask),
+    so a user turn inside a conversational completion is not trained; neither is it here. (SFTTrainer itself
+    refuses SmolLM2's template for assistant_only_loss, so the tokens are checked by text.)"""
+    row = {
+        "prompt": [{"role": "user", "content": "Count to two."}],
+        "completion": [
+            {"role": "assistant", "content": "One."},
+            {"role": "user", "content": "Go on."},
+            {"role": "assistant", "content": "Two."},
+        ],
+    }
+    args = PLWConfig(**common_args(output_dir=str(tmp_path)), assistant_only_loss=True)
+    plw = PLWTrainer(
+        tiny(len(smollm2_tokenizer)),
+        args=args,
+        train_dataset=Dataset.from_list([row] * 2),
+        processing_class=smollm2_tokenizer,
+    )
+    batch = plw.data_collator(first_rows(plw.train_dataset, 1))
+    trained = smollm2_tokenizer.decode(batch["input_ids"][0][batch["loss_weights"][0] != 0])
+    assert trained == "One.<|im_end|>Two.<|im_end|>"

@@ -931,6 +931,7 @@ def tokenize_prompt_completion(
     tools: Any = None,
     add_eos: bool = True,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    assistant_only: bool = False,
 ) -> dict[str, list[int]]:
     """Tokenize a prompt-completion pair like TRL's ``tokenize_fn``, with per-token roles.
 
@@ -941,7 +942,8 @@ def tokenize_prompt_completion(
     ``COMPLETION`` (exactly TRL's ``completion_mask``). Prompt-side tokens are ``PROMPT`` for plain text; for
     conversations they get per-role codes (``SYSTEM``/``USER``/``TOOL``/``TEMPLATE``; assistant turns inside the
     prompt are ``PROMPT``). If the template cannot be analysed per message, the prompt side falls back to ``PROMPT``
-    with a warning.
+    with a warning. With ``assistant_only=True`` (TRL's ``assistant_only_loss``, which intersects the completion with
+    the assistant tokens) a non-assistant turn inside a conversational completion keeps its own role.
 
     Returns:
         ``{"input_ids": list[int], "token_roles": list[int]}``.
@@ -960,17 +962,20 @@ def tokenize_prompt_completion(
         conversation = list(prompt) + list(completion)
         try:
             input_ids, roles = _analyse_conversation(tokenizer, conversation, kwargs)
+            analysed = True
         except TemplateNotPrefixConsistentError as exc:
             warnings.warn(f"{exc} Prompt-side tokens get the generic PROMPT role.", stacklevel=2)
             input_ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True, **kwargs)[
                 "input_ids"
             ]
             roles = np.zeros(len(input_ids), dtype=np.int8)
+            analysed = False
         roles = roles.copy()
         prompt_len = _common_prefix_length(prompt_ids, input_ids)
         head = roles[:prompt_len]
         head[head == Role.COMPLETION] = Role.PROMPT
-        roles[prompt_len:] = Role.COMPLETION
+        if not (assistant_only and analysed):
+            roles[prompt_len:] = Role.COMPLETION
         return {"input_ids": list(input_ids), "token_roles": roles.tolist()}
 
     if not isinstance(prompt, str) or not isinstance(completion, str):

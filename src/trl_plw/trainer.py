@@ -481,7 +481,11 @@ class PLWTrainer(SFTTrainer):
                 first = next(iter(dataset))
             dataset = dataset.map(
                 self._tokenize_example,
-                fn_kwargs={"tokenizer": tokenizer, "text_field": args.dataset_text_field},
+                fn_kwargs={
+                    "tokenizer": tokenizer,
+                    "text_field": args.dataset_text_field,
+                    "assistant_only": getattr(self, "_assistant_only_loss", False),
+                },
                 remove_columns=[c for c in ("prompt", "completion", "messages") if c in first]
                 + ([args.dataset_text_field] if args.dataset_text_field in first and "prompt" not in first else []),
                 **map_kwargs,
@@ -552,13 +556,17 @@ class PLWTrainer(SFTTrainer):
         return dataset
 
     @staticmethod
-    def _tokenize_example(example: dict[str, Any], tokenizer, text_field: str) -> dict[str, Any]:
+    def _tokenize_example(
+        example: dict[str, Any], tokenizer, text_field: str, assistant_only: bool = False
+    ) -> dict[str, Any]:
         tools = example.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
         # Per-example template arguments (a dataset column, as TRL reads them), e.g. a harmony model's identity.
         kwargs = {"tools": tools, "chat_template_kwargs": example.get("chat_template_kwargs") or None}
         if "prompt" in example and "completion" in example:
-            return tokenize_prompt_completion(tokenizer, example["prompt"], example["completion"], **kwargs)
+            return tokenize_prompt_completion(
+                tokenizer, example["prompt"], example["completion"], assistant_only=assistant_only, **kwargs
+            )
         if "messages" in example and is_conversational(example):
             return tokenize_messages(tokenizer, example["messages"], **kwargs)
         if text_field in example:
