@@ -382,9 +382,11 @@ class PLWTrainer(SFTTrainer):
             )
         if compute_metrics is not None or preprocess_logits_for_metrics is not None:
             raise ValueError(
-                "PLWTrainer computes eval_prompt_loss, eval_completion_loss and eval_completion_accuracy itself, "
-                "without logits; `compute_metrics`/`preprocess_logits_for_metrics` would need the full logits. Use "
-                "`answer_tokens` for answer accuracy, or evaluate generations in a callback."
+                "PLWTrainer does not take `compute_metrics`/`preprocess_logits_for_metrics`: they need the full "
+                "[tokens, vocab] logits its fused loss exists to avoid. It computes eval_loss, eval_prompt_loss, "
+                "eval_completion_loss, eval_completion_accuracy and TRL's eval_mean_token_accuracy itself, without "
+                "logits (usable as metric_for_best_model); use `answer_tokens` for answer accuracy, or evaluate "
+                "generations in a callback."
             )
         if args.loss_type != "nll":
             raise ValueError(
