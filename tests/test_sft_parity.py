@@ -239,3 +239,44 @@ def test_assistant_only_loss_masks_a_user_turn_inside_the_completion(smollm2_tok
     batch = plw.data_collator(first_rows(plw.train_dataset, 1))
     trained = smollm2_tokenizer.decode(batch["input_ids"][0][batch["loss_weights"][0] != 0])
     assert trained == "One.<|im_end|>Two.<|im_end|>"
+
+
+def test_a_model_class_that_rejects_sdpa_loads_with_its_own_attention(smollm2_tokenizer, tmp_path):
+    """GPT-OSS refuses sdpa. Given by name, PLWTrainer leaves the automatic choice (sdpa on CPU) to the model class,
+    as SFTTrainer does, so the model loads with its own default and trains the same tokens with the same loss."""
+    import transformers as tf
+
+    config = tf.GptOssConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    torch.manual_seed(0)
+    path = tmp_path / "gpt-oss"
+    tf.GptOssForCausalLM(config).save_pretrained(path)
+    with pytest.raises(ValueError, match="does not support"):
+        tf.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    data = prompt_completion_data()
+    sft = SFTTrainer(
+        str(path),
+        args=SFTConfig(**common_args(output_dir=str(tmp_path / "sft"))),
+        train_dataset=data,
+        processing_class=smollm2_tokenizer,
+    )
+    plw = PLWTrainer(
+        str(path),
+        args=PLWConfig(**common_args(output_dir=str(tmp_path / "plw"))),
+        train_dataset=data,
+        processing_class=smollm2_tokenizer,
+    )
+    assert plw.model.config._attn_implementation == sft.model.config._attn_implementation != "sdpa"
+    assert_same_training(sft, plw, len(smollm2_tokenizer))
