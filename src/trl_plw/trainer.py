@@ -823,7 +823,7 @@ def _as_plw_config(args: Any, model: Any) -> PLWConfig:
     (None -> defaults, a ``transformers.TrainingArguments`` converted field by field), copied so that resolving the
     policy never changes the object the caller holds."""
     if args is None:
-        name = model if isinstance(model, str) else model.config._name_or_path
+        name = model if isinstance(model, str) else model.config.name_or_path
         return PLWConfig(f"{name.split('/')[-1]}-PLW")
     if isinstance(args, PLWConfig):
         return copy.copy(args)
