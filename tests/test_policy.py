@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from datasets import Dataset
-from test_trainer import ALPACA_ROWS, RESPONSE, common_args, tiny
+from test_trainer import ALPACA_ROWS, RESPONSE, common_args, first_rows, tiny
 
 from trl_plw import DataCollatorForWeightedCompletionLM, PLWConfig, PLWTrainer
 
@@ -28,3 +28,39 @@ def test_explicit_collator_value_equal_to_its_default_still_conflicts(smollm2_to
     )
     with pytest.raises(ValueError, match=r"prompt_loss_weight=0\.5.*data_collator.*prompt_loss_weight=0\.0"):
         build(smollm2_tokenizer, tmp_path, collator, prompt_loss_weight=0.5)
+
+
+def test_unset_is_told_apart_from_set_and_resolved_once(smollm2_tokenizer, tmp_path, monkeypatch):
+    collator = DataCollatorForWeightedCompletionLM(tokenizer=smollm2_tokenizer, response_template=RESPONSE)
+    assert collator.policy.stated() == {"response_template": RESPONSE}  # nothing else stated
+    on_its_own = collator.resolved_policy  # the collator alone: completion only, as the collator it replaces
+    assert (on_its_own.prompt_loss_weight, on_its_own.completion_loss_weight) == (0.0, 1.0)
+    assert on_its_own.example_weight_column == "weight"
+
+    trainer = build(smollm2_tokenizer, tmp_path, collator, completion_only_loss=False)
+    assert trainer.data_collator.prompt_loss_weight == 1.0  # unset on both sides: what SFTTrainer trains
+    assert collator.prompt_loss_weight is None  # the object passed in is left as it was
+
+    calls = []
+    original = DataCollatorForWeightedCompletionLM._resolve_role_weights
+    monkeypatch.setattr(
+        DataCollatorForWeightedCompletionLM,
+        "_resolve_role_weights",
+        lambda self: calls.append(1) or original(self),
+    )
+    rows = first_rows(trainer.train_dataset, 2)
+    trainer.data_collator(rows)
+    trainer.data_collator(rows)
+    assert calls == []  # the role table was built at construction, not per batch
+    trainer.data_collator.prompt_loss_weight = 0.5  # an assignment resolves again, once
+    assert calls == [1]
+    batch = trainer.data_collator(rows)
+    assert set(batch["loss_weights"][batch["prompt_mask"]].unique().tolist()) == {0.5}
+
+
+def test_same_value_on_both_sides_is_no_conflict(smollm2_tokenizer, tmp_path):
+    collator = DataCollatorForWeightedCompletionLM(
+        tokenizer=smollm2_tokenizer, response_template=RESPONSE, prompt_loss_weight=0.0, completion_loss_weight=1.0
+    )
+    trainer = build(smollm2_tokenizer, tmp_path, collator, prompt_loss_weight=0.0, completion_loss_weight=1.0)
+    assert trainer.args.prompt_loss_weight == 0.0
