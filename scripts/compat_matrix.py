@@ -93,7 +93,9 @@ def installed(python: Path, packages: list[str]) -> dict[str, str]:
 
 
 def measure(name: str, pins: dict[str, str], args: argparse.Namespace, shared: Path) -> dict:
-    venv = Path(args.venv) if args.venv else Path(args.root) / name
+    # Sets that differ only in TRL share a venv (pip then swaps TRL alone): TRL is a pure-Python wheel.
+    others = "-".join(f"{k}{v}" for k, v in sorted(pins.items()) if k != "trl")
+    venv = Path(args.venv) if args.venv else Path(args.root) / f"env-{others}"
     make_venv(venv, shared, pins)
     python = venv / "bin" / "python"
     check = run([str(python), "-m", "pip", "check"])
@@ -109,6 +111,7 @@ def measure(name: str, pins: dict[str, str], args: argparse.Namespace, shared: P
     failures = [line for line in result.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
     record = {
         "set": name,
+        "commit": args.commit,
         "versions": installed(python, ["torch", "trl", "transformers", "peft", "accelerate", "datasets"]),
         "tests": args.tests,
         "passed": counts.get("passed", 0),
@@ -130,8 +133,8 @@ def write_results(records: list[dict]) -> None:
     ordered = sorted(old.values(), key=lambda r: (r["tests"], _set_order(r["set"])))
     path.write_text(json.dumps(ordered, indent=1) + "\n")
     lines = [
-        "| set | trl | transformers | peft | accelerate | datasets | torch | tests | result | time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| set | trl | transformers | peft | accelerate | datasets | torch | tests | result | time | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in ordered:
         v = r["versions"]
@@ -139,7 +142,7 @@ def write_results(records: list[dict]) -> None:
         result += "" if not r["pip_check"] else ", **pip check: " + "; ".join(r["pip_check"]) + "**"
         lines.append(
             f"| {r['set']} | {v['trl']} | {v['transformers']} | {v['peft']} | {v['accelerate']} | {v['datasets']} | "
-            f"{v['torch']} | {r['tests']} | {result} | {r['seconds']} s |"
+            f"{v['torch']} | {r['tests']} | {result} | {r['seconds']} s | {r.get('commit', '')} |"
         )
     doc = ROOT / "docs" / "COMPATIBILITY.md"
     text = doc.read_text()
@@ -157,6 +160,11 @@ def _set_order(name: str) -> tuple:
     return (1, *map(int, name.removeprefix("trl-").split(".")))
 
 
+def _head_commit() -> str:
+    result = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="*", help="set names (default: every trl-1.N set); see --list")
@@ -166,6 +174,7 @@ def main() -> int:
     parser.add_argument("--venv", help="use this venv path (one set only), e.g. .venv-oldest")
     parser.add_argument("--base-venv", default=str(ROOT / ".venv"), help="venv whose packages are shared")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/ (CI)")
+    parser.add_argument("--commit", default=_head_commit(), help="the commit measured (default: git HEAD)")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args()
     sets = version_sets()

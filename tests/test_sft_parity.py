@@ -215,3 +215,68 @@ def test_per_example_chat_template_kwargs_are_honoured(smollm2_tokenizer, tmp_pa
     sft, plw = sft_and_plw(tokenizer, tmp_path, Dataset.from_list(rows))
     assert_same_training(sft, plw, len(tokenizer))
     assert tokenizer.decode(plw.train_dataset[1]["input_ids"]).startswith("Hello 1\n")
+
+
+def test_assistant_only_loss_masks_a_user_turn_inside_the_completion(smollm2_tokenizer, tmp_path):
+    """TRL's assistant_only_loss trains the completion's assistant tokens only (completion mask AND assistant mask),
+    so a user turn inside a conversational completion is not trained; neither is it here. (SFTTrainer itself
+    refuses SmolLM2's template for assistant_only_loss, so the tokens are checked by text.)"""
+    row = {
+        "prompt": [{"role": "user", "content": "Count to two."}],
+        "completion": [
+            {"role": "assistant", "content": "One."},
+            {"role": "user", "content": "Go on."},
+            {"role": "assistant", "content": "Two."},
+        ],
+    }
+    args = PLWConfig(**common_args(output_dir=str(tmp_path)), assistant_only_loss=True)
+    plw = PLWTrainer(
+        tiny(len(smollm2_tokenizer)),
+        args=args,
+        train_dataset=Dataset.from_list([row] * 2),
+        processing_class=smollm2_tokenizer,
+    )
+    batch = plw.data_collator(first_rows(plw.train_dataset, 1))
+    trained = smollm2_tokenizer.decode(batch["input_ids"][0][batch["loss_weights"][0] != 0])
+    assert trained == "One.<|im_end|>Two.<|im_end|>"
+
+
+def test_a_model_class_that_rejects_sdpa_loads_with_its_own_attention(smollm2_tokenizer, tmp_path):
+    """GPT-OSS refuses sdpa. Given by name, PLWTrainer leaves the automatic choice (sdpa on CPU) to the model class,
+    as SFTTrainer does, so the model loads with its own default and trains the same tokens with the same loss."""
+    import transformers as tf
+
+    config = tf.GptOssConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    torch.manual_seed(0)
+    path = tmp_path / "gpt-oss"
+    tf.GptOssForCausalLM(config).save_pretrained(path)
+    with pytest.raises(ValueError, match="does not support"):
+        tf.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    data = prompt_completion_data()
+    sft = SFTTrainer(
+        str(path),
+        args=SFTConfig(**common_args(output_dir=str(tmp_path / "sft"))),
+        train_dataset=data,
+        processing_class=smollm2_tokenizer,
+    )
+    plw = PLWTrainer(
+        str(path),
+        args=PLWConfig(**common_args(output_dir=str(tmp_path / "plw"))),
+        train_dataset=data,
+        processing_class=smollm2_tokenizer,
+    )
+    assert plw.model.config._attn_implementation == sft.model.config._attn_implementation != "sdpa"
+    assert_same_training(sft, plw, len(smollm2_tokenizer))

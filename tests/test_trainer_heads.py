@@ -162,14 +162,15 @@ def test_peft_lora_on_lm_head_trains_the_adapter_exactly(smollm2_tokenizer, tmp_
         assert_exact(grad, ref_params[name].grad)
 
 
-@pytest.mark.parametrize("method", ["PromptTuningConfig", "PrefixTuningConfig"])
+@pytest.mark.parametrize("method", ["PromptTuningConfig", "PromptEncoderConfig"])
 def test_prompt_learning_peft_methods_are_refused_naming_peft_config(smollm2_tokenizer, tmp_path, method):
-    """Prompt/prefix tuning add positions (or prefix keys) that carry no token, role or weight: refused, by name."""
+    """Prompt tuning and P-tuning add positions that carry no token, role or weight: refused, by name."""
     peft = pytest.importorskip("peft")
     from conftest import make_tiny_llama
 
-    config = getattr(peft, method)(task_type="CAUSAL_LM", num_virtual_tokens=4)
-    with pytest.raises(ValueError, match=f"peft_config .*{method}.*prompt-learning.*LoraConfig"):
+    extra = {"encoder_hidden_size": 8} if method == "PromptEncoderConfig" else {}
+    config = getattr(peft, method)(task_type="CAUSAL_LM", num_virtual_tokens=4, **extra)
+    with pytest.raises(ValueError, match=f"peft_config .*{method}.*prompt-learning.*PrefixTuningConfig"):
         PLWTrainer(
             make_tiny_llama(vocab_size=len(smollm2_tokenizer)).double(),
             args=args(tmp_path, prompt_loss_weight=0.1),
@@ -177,6 +178,51 @@ def test_prompt_learning_peft_methods_are_refused_naming_peft_config(smollm2_tok
             processing_class=smollm2_tokenizer,
             peft_config=config,
         )
+
+
+def test_prefix_tuning_trains_exactly_sft_trainers_loss(smollm2_tokenizer, tmp_path):
+    """Prefix tuning adds prefix keys/values, no position: the weighted head sees the real tokens only, so
+    PLWTrainer with nothing set gives SFTTrainer's loss and the same prefix-encoder gradients. Both run float64
+    here; the bound is TRL's float32 head (sqrt(V) * eps32, relative), as in tests/test_sft_parity.py."""
+    import math
+
+    peft = pytest.importorskip("peft")
+    from conftest import make_tiny_llama
+    from trl import SFTConfig, SFTTrainer
+
+    base = make_tiny_llama(vocab_size=len(smollm2_tokenizer)).double()
+    torch.manual_seed(0)
+    model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    common = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, per_device_train_batch_size=4)
+    trainers = [
+        SFTTrainer(
+            copy.deepcopy(model),
+            args=SFTConfig(**common),
+            train_dataset=chat_data(),
+            processing_class=smollm2_tokenizer,
+        ),
+        PLWTrainer(
+            copy.deepcopy(model),
+            args=PLWConfig(**common),
+            train_dataset=chat_data(),
+            processing_class=smollm2_tokenizer,
+        ),
+    ]
+    results = []
+    for trainer in trainers:
+        trainer.model.train()
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((loss.detach().double(), grads))
+    (sft_loss, sft_grads), (plw_loss, plw_grads) = results
+    bound = math.sqrt(len(smollm2_tokenizer)) * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(plw_loss, sft_loss, rtol=bound, atol=bound * sft_loss.abs().item())
+    assert plw_grads.keys() == sft_grads.keys() and any("prompt_encoder" in n for n in plw_grads)
+    for name, grad in sft_grads.items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(plw_grads[name], grad, rtol=bound, atol=bound * scale, msg=name)
 
 
 def test_several_gpus_in_one_process_are_refused(smollm2_tokenizer, tmp_path, monkeypatch):

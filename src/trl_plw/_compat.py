@@ -155,8 +155,9 @@ def tensor_parallel_size(trainer: Any) -> int:
 
 
 def moe_aux_loss_coef(trainer: Any) -> float:
-    """The MoE load-balancing loss coefficient SFTTrainer applies: ``self.router_aux_loss_coef`` since TRL 1.11,
-    read from the model config before (TRL 1.0-1.10). Can go when the oldest supported TRL is 1.11."""
+    """The MoE load-balancing loss coefficient SFTTrainer applies: ``self.router_aux_loss_coef`` since TRL 1.14;
+    before, the model config's (TRL 1.10-1.13 write ``args.router_aux_loss_coef`` there, TRL 1.0-1.9 use the
+    architecture's own). Can go when the oldest supported TRL is 1.14."""
     coef = getattr(trainer, "router_aux_loss_coef", None)
     if coef is not None:
         return float(coef)

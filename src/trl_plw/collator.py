@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.data.data_collator import DataCollatorMixin
 
+from trl_plw.policy import POLICY_FIELDS, WeightingPolicy
 from trl_plw.roles import (
     PER_TOKEN_COLUMNS,
     ROLE_SOURCE_COLUMNS,
@@ -60,6 +61,7 @@ _UNSET = object()
 _IGNORE = int(Role.IGNORE)
 _COMPLETION = int(Role.COMPLETION)
 _MAX_ROLE = max(int(r) for r in Role)
+_POLICY_INPUTS = frozenset((*POLICY_FIELDS, "allow_negative_weights"))
 
 
 def _tensor(value: Any, dtype: torch.dtype, name: str, index: int) -> torch.Tensor:
@@ -204,16 +206,19 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
             response template is completion.
         tokenizer: needed for string templates and ``span_weights``; gives the pad id when ``pad_token_id`` is None.
         pad_token_id: token id used for padding; defaults to ``tokenizer.pad_token_id``.
-        prompt_loss_weight: weight of prompt-side tokens. Defaults to 0.0, so the default collator is a drop-in
-            replacement for the old completion-only collator.
-        completion_loss_weight: weight of completion tokens.
+        prompt_loss_weight: weight of prompt-side tokens. Unset (None), it is 0.0 for the collator on its own (a
+            drop-in replacement for the old completion-only collator) and, handed to `trl_plw.PLWTrainer`, what
+            SFTTrainer trains on the data; an explicit value is a statement even where it equals a default.
+        completion_loss_weight: weight of completion tokens (unset: 1.0).
         role_weights: per-role weights overriding the two above, keys among ``prompt``, ``completion`` (alias
             ``assistant``), ``system``, ``user``, ``tool``, ``template`` (e.g. ``{"template": 0.0}``).
-        example_weight_column: key of the optional per-example (scalar) or per-token (list) weight multiplier.
+        example_weight_column: key of the optional per-example (scalar) or per-token (list) weight multiplier
+            (unset: ``"weight"``).
         span_weights: span rules (`trl_plw.spans.resolve_span_rules`): a preset chain such as ``"react+think=0.5"``,
             a mapping ``{regex: weight}``, or a list of them. Tokens a rule's match covers get their weight
             multiplied; examples with a ``token_spans`` column (from PLWTrainer's dataset preparation) use it, others
-            are matched here on the decoded tokens. Batches then carry ``token_spans`` (int64 bit masks).        padding_free: flatten the batch into one row (for flash-attention varlen and packing).
+            are matched here on the decoded tokens. Batches then carry ``token_spans`` (int64 bit masks).
+        padding_free: flatten the batch into one row (for flash-attention varlen and packing).
         return_position_ids: also return position ids in padded mode.
         pad_to_multiple_of: pad the sequence length (the flattened length when padding-free) to a multiple.
         allow_negative_weights: accept negative weights (unlikelihood-style); rejected otherwise.
@@ -292,10 +297,10 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
     instruction_template: str | list[int] | None = None
     tokenizer: PreTrainedTokenizerBase | None = None
     pad_token_id: int | None = None
-    prompt_loss_weight: float = 0.0
-    completion_loss_weight: float = 1.0
+    prompt_loss_weight: float | None = None
+    completion_loss_weight: float | None = None
     role_weights: dict[str, float] | None = None
-    example_weight_column: str = "weight"
+    example_weight_column: str | None = None
     span_weights: str | dict | list | None = None
     padding_free: bool = False
     return_position_ids: bool = False
@@ -339,7 +344,25 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
                     )
             self._matcher = TemplateMatcher(self.tokenizer, self.response_template, self.instruction_template)
         self.num_missing_template = 0
-        self._resolve_role_weights()  # invalid weights raise at construction, not at the first batch
+        self._resolve_policy()  # once; invalid weights raise at construction, not at the first batch
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        # A policy setting changed after construction is resolved again then, never per batch.
+        if name in _POLICY_INPUTS and "_weight_table" in self.__dict__:
+            self._resolve_policy()
+
+    @property
+    def policy(self) -> WeightingPolicy:
+        """The weighting policy this collator states (None = unset): what PLWTrainer merges with PLWConfig's."""
+        return WeightingPolicy.of(self)
+
+    def _resolve_policy(self) -> None:
+        """Fill the unset settings (prompt weight 0.0: the completion-only collator this one replaces; completion
+        weight 1.0; example weights from ``"weight"``), build the role -> weight table used by every batch, and parse
+        the span rules."""
+        self._resolved = self.policy.resolved(prompt_loss_weight=0.0)
+        self._weight_table = self._resolve_role_weights().table()
         self._span_rules = resolve_span_rules(self.span_weights)
         check_span_rules(self._span_rules, self.allow_negative_weights, "allow_negative_weights=True on the collator")
         if self._span_rules and self.tokenizer is None:
@@ -411,23 +434,33 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
         """The `RoleWeights` in force (``prompt_loss_weight``/``completion_loss_weight`` merged with ``role_weights``)."""
         return self._resolve_role_weights()
 
+    @property
+    def resolved_policy(self) -> WeightingPolicy:
+        """The policy in force: the stated settings with the unset ones filled in."""
+        return self._resolved
+
     def _resolve_role_weights(self) -> RoleWeights:
-        """Validate the weight fields and merge them. Done on every batch, not cached: PLWTrainer (and users) set
-        ``prompt_loss_weight`` after construction, and the ~7-entry table costs microseconds against the
-        milliseconds of a collation."""
+        """Validate the weight settings and merge them (stated ``role_weights`` entries for ``prompt``/``completion``
+        must agree with stated ``prompt_loss_weight``/``completion_loss_weight``)."""
         allow = self.allow_negative_weights
         opt_in = "allow_negative_weights=True on the collator"
-        prompt = check_weight("prompt_loss_weight", self.prompt_loss_weight, allow, opt_in=opt_in)
-        completion = check_weight("completion_loss_weight", self.completion_loss_weight, allow, opt_in=opt_in)
+        resolved = self._resolved
+        prompt = check_weight("prompt_loss_weight", resolved.prompt_loss_weight, allow, opt_in=opt_in)
+        completion = check_weight("completion_loss_weight", resolved.completion_loss_weight, allow, opt_in=opt_in)
         mapping = dict(self.role_weights or {})
         for name, value in mapping.items():
             check_weight(f"role_weights[{name!r}]", value, allow, allow_none=True, opt_in=opt_in)
-        for keys, field_name, value, default in (
-            (("prompt",), "prompt_loss_weight", prompt, 0.0),
-            (("completion", "assistant"), "completion_loss_weight", completion, 1.0),
+        for keys, field_name, value, stated in (
+            (("prompt",), "prompt_loss_weight", prompt, self.prompt_loss_weight is not None),
+            (
+                ("completion", "assistant"),
+                "completion_loss_weight",
+                completion,
+                self.completion_loss_weight is not None,
+            ),
         ):
             for k in keys:
-                if k in mapping and value != default and mapping[k] != value:
+                if k in mapping and stated and mapping[k] != value:
                     raise ValueError(
                         f"role_weights[{k!r}]={mapping[k]} conflicts with {field_name}={value}; set the weight in one "
                         "place only."
@@ -524,7 +557,7 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
 
     def _read_example(self, i: int, example: Any) -> _Example:
         """Read and validate one example: token ids, roles, document lengths and its weight sources."""
-        example = _drop_padding(_as_example(example, i), i, self.example_weight_column)
+        example = _drop_padding(_as_example(example, i), i, self._resolved.example_weight_column)
         if "input_ids" not in example:
             raise ValueError(f"Example {i} has no `input_ids` (keys: {sorted(example)}).")
         ids = _tensor(example["input_ids"], torch.int64, "input_ids", i)
@@ -562,7 +595,7 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
             ignored = labels == -100
             if ignored.any():
                 roles = roles.masked_fill(ignored, _IGNORE)
-        token_scale, scale = self._example_scale(i, example.get(self.example_weight_column), n)
+        token_scale, scale = self._example_scale(i, example.get(self._resolved.example_weight_column), n)
         multiplier, spans = self._multipliers(i, example, ids, roles, docs)
         return _Example(ids, roles, docs, packed, weights, token_scale, scale, multiplier, spans)
 
@@ -598,7 +631,7 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
 
     def _example_scale(self, i: int, scale: Any, n: int) -> tuple[torch.Tensor | None, float]:
         """The example weight as (per-token multiplier or None, scalar multiplier)."""
-        name = self.example_weight_column
+        name = self._resolved.example_weight_column
         if scale is None:
             return None, 1.0
         if _sequence_length(scale) is not None:
@@ -624,7 +657,7 @@ class DataCollatorForWeightedCompletionLM(DataCollatorMixin):
         Only ops that stay fast on a busy CPU are used: index_select / masked_scatter_ / cumsum rather than advanced
         indexing, boolean-mask assignment or repeat_interleave, which go through parallel kernels that stall for
         milliseconds when the cores are shared (e.g. with dataloader workers)."""
-        table = self._resolve_role_weights().table()
+        table = self._weight_table
         offsets = [0, *itertools.accumulate(p.ids.numel() for p in parsed)]
         input_ids = torch.cat([p.ids for p in parsed])
         roles = torch.cat([p.roles for p in parsed])

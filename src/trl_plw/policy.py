@@ -10,6 +10,7 @@ what switches real-valued weighting on.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping
 from typing import Any
@@ -68,4 +69,79 @@ def describe_sft_default(weight: float) -> str:
     return "every token, as SFTTrainer"
 
 
-__all__ = ["DataKind", "describe_sft_default", "detect_data_kind", "sft_prompt_weight"]
+POLICY_FIELDS = (
+    "response_template",
+    "instruction_template",
+    "prompt_loss_weight",
+    "completion_loss_weight",
+    "role_weights",
+    "example_weight_column",
+    "span_weights",
+    "pad_to_multiple_of",
+)
+"""The settings PLWConfig and DataCollatorForWeightedCompletionLM both have, with the same meaning."""
+
+# Defaults of the settings whose unset value (None) means something other than "none". The prompt weight's default
+# depends on the data (`sft_prompt_weight`), or is 0.0 for a collator used on its own (the completion-only collator
+# it replaces).
+_DEFAULTS = {"completion_loss_weight": 1.0, "example_weight_column": "weight"}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightingPolicy:
+    """What decides each token's weight, once: templates, prompt/completion/role weights, the example-weight column,
+    the span rules, and the padding multiple. ``None`` means *unset*, so a value equal to a default is still a statement.
+
+    PLWConfig and DataCollatorForWeightedCompletionLM each hold one (``WeightingPolicy.of(obj)`` reads it); a
+    collator passed to PLWTrainer is merged with PLWConfig's by :meth:`merge`, which raises on any setting both state
+    differently, and the result is resolved once by :meth:`resolved` before training."""
+
+    response_template: str | list[int] | None = None
+    instruction_template: str | list[int] | None = None
+    prompt_loss_weight: float | None = None
+    completion_loss_weight: float | None = None
+    role_weights: dict[str, float] | None = None
+    example_weight_column: str | None = None
+    span_weights: str | dict | list | None = None
+    pad_to_multiple_of: int | None = None
+
+    @classmethod
+    def of(cls, obj: Any) -> WeightingPolicy:
+        """The policy an object states (PLWConfig, the collator, or anything with the :data:`POLICY_FIELDS`)."""
+        return cls(**{name: getattr(obj, name) for name in POLICY_FIELDS})
+
+    def stated(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in POLICY_FIELDS if getattr(self, name) is not None}
+
+    def merge(self, other: WeightingPolicy, name: str, other_name: str) -> WeightingPolicy:
+        """Both policies in one: a setting stated by one side is taken; stated by both with different values raises,
+        naming both, even where one of them equals the other side's default."""
+        merged = {}
+        for field in POLICY_FIELDS:
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise ValueError(
+                    f"{other_name}.{field}={theirs!r} but the {name} has {field}={mine!r}. The {name} passed to "
+                    f"PLWTrainer is a source of the weighting policy too; state the setting in one place only (or "
+                    "give both the same value)."
+                )
+            merged[field] = mine if mine is not None else theirs
+        return WeightingPolicy(**merged)
+
+    def resolved(self, prompt_loss_weight: float) -> WeightingPolicy:
+        """Every unset weight filled in: the prompt weight with ``prompt_loss_weight`` (what SFTTrainer trains on the
+        data, or 0.0 for a collator on its own), the others with their documented defaults."""
+        filled = {name: value for name, value in _DEFAULTS.items() if getattr(self, name) is None}
+        if self.prompt_loss_weight is None:
+            filled["prompt_loss_weight"] = prompt_loss_weight
+        return dataclasses.replace(self, **filled)
+
+
+__all__ = [
+    "POLICY_FIELDS",
+    "WeightingPolicy",
+    "DataKind",
+    "describe_sft_default",
+    "detect_data_kind",
+    "sft_prompt_weight",
+]

@@ -981,6 +981,7 @@ def tokenize_prompt_completion(
     chat_template_kwargs: Mapping[str, Any] | None = None,
     message_weight_key: str | None = None,
     allow_negative_weights: bool = False,
+    assistant_only: bool = False,
 ) -> dict[str, list]:
     """Tokenize a prompt-completion pair like TRL's ``tokenize_fn``, with per-token roles.
 
@@ -992,7 +993,9 @@ def tokenize_prompt_completion(
     conversations they get per-role codes (``SYSTEM``/``USER``/``TOOL``/``TEMPLATE``; assistant turns inside the
     prompt are ``PROMPT``). If the template cannot be analysed per message, the prompt side falls back to ``PROMPT``
     with a warning. ``message_weight_key`` adds per-message weights of conversational pairs as in
-    `tokenize_messages` (plain-text pairs get all-1 ``message_weights``).
+    `tokenize_messages` (plain-text pairs get all-1 ``message_weights``). With ``assistant_only=True`` (TRL's
+    ``assistant_only_loss``, which intersects the completion with the assistant tokens) a non-assistant turn inside a
+    conversational completion keeps its own role.
 
     Returns:
         ``{"input_ids": list[int], "token_roles": list[int]}`` (and ``"message_weights": list[float]``).
@@ -1013,6 +1016,7 @@ def tokenize_prompt_completion(
         try:
             analysed = _analyse_conversation(tokenizer, conversation, kwargs)
             input_ids, roles = analysed.input_ids, analysed.roles
+            located = True
             if message_weight_key is not None:
                 message_weights = _message_weights(conversation, analysed, message_weight_key, allow_negative_weights)
         except TemplateNotPrefixConsistentError as exc:
@@ -1025,11 +1029,13 @@ def tokenize_prompt_completion(
                 "input_ids"
             ]
             roles = np.zeros(len(input_ids), dtype=np.int8)
+            located = False
         roles = roles.copy()
         prompt_len = _common_prefix_length(prompt_ids, input_ids)
         head = roles[:prompt_len]
         head[head == Role.COMPLETION] = Role.PROMPT
-        roles[prompt_len:] = Role.COMPLETION
+        if not (assistant_only and located):
+            roles[prompt_len:] = Role.COMPLETION
         out = {"input_ids": list(input_ids), "token_roles": roles.tolist()}
         if message_weight_key is not None:
             out["message_weights"] = message_weights or [1.0] * len(input_ids)

@@ -54,7 +54,7 @@ from trl_plw.attention import ensure_registered
 from trl_plw.collator import DataCollatorForWeightedCompletionLM
 from trl_plw.message_weights import any_weighted
 from trl_plw.metrics import SplitMetrics
-from trl_plw.policy import DataKind, describe_sft_default, detect_data_kind, sft_prompt_weight
+from trl_plw.policy import DataKind, WeightingPolicy, describe_sft_default, detect_data_kind, sft_prompt_weight
 from trl_plw.roles import (
     PER_TOKEN_COLUMNS,
     ROLE_SOURCE_COLUMNS,
@@ -87,7 +87,7 @@ class PLWConfig(SFTConfig):
             the training data (`trl_plw.policy.sft_prompt_weight`): every token of language-modeling data (`text`,
             `messages`, bare `input_ids`) unless `assistant_only_loss=True`, the completion of prompt-completion data
             unless `completion_only_loss=False`; so a PLWTrainer with nothing set computes SFTTrainer's loss.
-        completion_loss_weight (`float`, *optional*, defaults to `1.0`):
+        completion_loss_weight (`float`, *optional*, defaults to `1.0` when unset):
             Weight of every completion (assistant) token.
         role_weights (`dict[str, float]` or `str`, *optional*):
             Per-role weights for chat data overriding `prompt_loss_weight` for some prompt-side roles, keys among
@@ -110,7 +110,7 @@ class PLWConfig(SFTConfig):
         instruction_template (`str`, *optional*):
             With `response_template`: the text that starts each user turn, so multi-turn text weights every
             response span as completion.
-        example_weight_column (`str`, *optional*, defaults to `"weight"`):
+        example_weight_column (`str`, *optional*, defaults to `"weight"` when unset):
             Name of an optional dataset column with a per-example multiplier of all its token weights.
         span_weights (`str`, `dict` or `list`, *optional*):
             Span rules multiplying the weight of the tokens a regular expression covers
@@ -135,7 +135,9 @@ class PLWConfig(SFTConfig):
             "SFTTrainer trains on this data (every token of text/messages, the completion of prompt-completion data)."
         },
     )
-    completion_loss_weight: float = field(default=1.0, metadata={"help": "Weight of completion tokens."})
+    completion_loss_weight: float | None = field(
+        default=None, metadata={"help": "Weight of completion tokens (unset: 1.0)."}
+    )
     role_weights: dict | str | None = field(
         default=None,
         metadata={"help": 'Per-role weights for chat data, e.g. \'{"system": 0.0, "template": 0.0}\'.'},
@@ -157,8 +159,9 @@ class PLWConfig(SFTConfig):
     instruction_template: str | None = field(
         default=None, metadata={"help": "Instruction template for multi-turn plain-text datasets."}
     )
-    example_weight_column: str = field(
-        default="weight", metadata={"help": "Dataset column with a per-example weight multiplier, if present."}
+    example_weight_column: str | None = field(
+        default=None,
+        metadata={"help": "Dataset column with a per-example weight multiplier, if present (unset: 'weight')."},
     )
     span_weights: dict | str | None = field(
         default=None,
@@ -207,7 +210,7 @@ class PLWConfig(SFTConfig):
                 "at the first step) and prompt_loss_weight_end (the weight reached at the last step)."
             )
         for name in ("prompt_loss_weight", "completion_loss_weight", "prompt_loss_weight_end"):
-            check_weight(name, getattr(self, name), allow_none=name != "completion_loss_weight")
+            check_weight(name, getattr(self, name), allow_none=True)
 
     def _choose_bf16(self) -> None:
         """Resolve ``bf16=None`` by what the hardware does natively, instead of SFTConfig's bf16-wherever-possible.
@@ -240,11 +243,12 @@ class PLWTrainer(SFTTrainer):
     ``data_collator`` (the path of TRL 0.19's ``DataCollatorForCompletionOnlyLM`` users). A given collator is the
     single source of what it states: its ``response_template``/``instruction_template`` build the ``token_roles`` of
     plain-text data at dataset preparation (so packing carries them), its ``prompt_loss_weight``,
-    ``completion_loss_weight``, ``role_weights``, ``example_weight_column``, ``pad_to_multiple_of`` and
-    ``on_missing_template`` apply to every data format, and ``self.args`` is updated to them. A setting counts as
-    stated when it differs from its default; when both state it with different values, construction raises naming
-    both. The trainer works on a copy of the collator (padding-free when the configuration is, with
-    ``loss_weights_applied`` set), so the object you passed is left unchanged.
+    ``completion_loss_weight``, ``role_weights``, ``example_weight_column``, ``span_weights``, ``pad_to_multiple_of`` and
+    ``on_missing_template`` apply to every data format, and ``self.args`` is updated to them. Both hold one
+    `trl_plw.policy.WeightingPolicy`, where unset is None: a setting stated on both sides with different values
+    raises naming both, even where one equals the other side's default. The policy is resolved once, at
+    construction, and the trainer trains with a copy of the collator built with it (padding-free when the
+    configuration is), so the object you passed is left unchanged.
 
     TRL's switches keep their meaning: ``completion_only_loss=True`` and ``assistant_only_loss=True`` require every
     prompt-side weight to be 0 (they raise otherwise); ``assistant_only_loss=True`` needs conversational data, whose
@@ -286,7 +290,7 @@ class PLWTrainer(SFTTrainer):
         # unset prompt weight becomes what SFTTrainer trains on this data, and TRL's completion_only_loss /
         # assistant_only_loss are mapped onto the weights (contradictions raise).
         self._plw_data_kind = _first_data_kind(args, data_collator, train_dataset, eval_dataset, kwargs)
-        data_collator = _resolve_weighting_policy(args, data_collator, self._plw_data_kind)
+        _resolve_weighting_policy(args, data_collator, self._plw_data_kind)
         if isinstance(model, str):
             model = self._prepare_model_name(model, args)
         self._plw_args = args  # `_prepare_dataset` runs inside super().__init__, before `self.args` exists
@@ -304,23 +308,31 @@ class PLWTrainer(SFTTrainer):
         self._plw_tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         self._check_parallelism()
         self._check_peft_method()
+        # The trainer's collator, built once with the resolved policy (a schedule's value multiplies the prompt
+        # weight 1.0 at loss time); a collator passed in is copied, so the object the caller holds is unchanged.
+        weights = {
+            "prompt_loss_weight": 1.0 if args.has_schedule else args.prompt_loss_weight,
+            "completion_loss_weight": args.completion_loss_weight,
+            "role_weights": args.role_weights,
+            "example_weight_column": args.example_weight_column,
+            "span_weights": args.span_weights,
+            "pad_to_multiple_of": args.pad_to_multiple_of,
+        }
         if data_collator is None:
             data_collator = DataCollatorForWeightedCompletionLM(
                 pad_token_id=self._plw_tokenizer.pad_token_id,
                 tokenizer=self._plw_tokenizer,
-                prompt_loss_weight=1.0 if args.has_schedule else args.prompt_loss_weight,
-                completion_loss_weight=args.completion_loss_weight,
-                role_weights=args.role_weights,
-                example_weight_column=args.example_weight_column,
-                span_weights=args.span_weights,
                 padding_free=self.padding_free,
-                pad_to_multiple_of=args.pad_to_multiple_of,
+                **weights,
             )
-        elif self.padding_free and not data_collator.padding_free:
-            # BFD packing (or padding_free=True) needs one flattened row per batch for varlen attention; the
-            # collator is the trainer's own copy, so switching its layout changes no weight and no user object.
-            logger.info("The data_collator is switched to padding_free=True (this configuration is padding-free).")
-            data_collator.padding_free = True
+        else:
+            if self.padding_free and not data_collator.padding_free:
+                # BFD packing (or padding_free=True) needs one flattened row per batch for varlen attention;
+                # switching the copy's layout changes no weight.
+                logger.info("The data_collator is switched to padding_free=True (this configuration is padding-free).")
+            data_collator = dataclasses.replace(
+                data_collator, padding_free=data_collator.padding_free or self.padding_free, **weights
+            )
         data_collator.loss_weights_applied = True  # compute_loss applies loss_weights
         self.data_collator = data_collator
 
@@ -401,9 +413,11 @@ class PLWTrainer(SFTTrainer):
             )
         if compute_metrics is not None or preprocess_logits_for_metrics is not None:
             raise ValueError(
-                "PLWTrainer computes eval_prompt_loss, eval_completion_loss and eval_completion_accuracy itself, "
-                "without logits; `compute_metrics`/`preprocess_logits_for_metrics` would need the full logits. Use "
-                "`answer_tokens` for answer accuracy, or evaluate generations in a callback."
+                "PLWTrainer does not take `compute_metrics`/`preprocess_logits_for_metrics`: they need the full "
+                "[tokens, vocab] logits its fused loss exists to avoid. It computes eval_loss, eval_prompt_loss, "
+                "eval_completion_loss, eval_completion_accuracy and TRL's eval_mean_token_accuracy itself, without "
+                "logits (usable as metric_for_best_model); use `answer_tokens` for answer accuracy, or evaluate "
+                "generations in a callback."
             )
         if args.loss_type != "nll":
             raise ValueError(
@@ -433,13 +447,15 @@ class PLWTrainer(SFTTrainer):
         if not is_peft_model(self.model):
             return
         for adapter, config in self.model.peft_config.items():
-            if getattr(config, "is_prompt_learning", False):
+            # Prefix tuning adds prefix keys/values to every layer but no position to the sequence: the head sees
+            # the real tokens' hidden states only, so the weighted loss is exact (tests/test_trainer_heads.py).
+            if getattr(config, "is_prompt_learning", False) and config.peft_type != "PREFIX_TUNING":  # a str enum
                 raise ValueError(
-                    f"peft_config (adapter {adapter!r}) is a {type(config).__name__}, a prompt-learning method: it "
-                    "prepends virtual tokens to every row (prompt tuning, P-tuning) or prefix keys and values to "
-                    "every layer (prefix tuning). Those positions have no token, role or loss weight, and PEFT lets "
-                    "the last virtual token predict the row's first token, which no weighting here describes, so "
-                    "PLWTrainer cannot reproduce that loss. Use an adapter that keeps the sequence as it is "
+                    f"peft_config (adapter {adapter!r}) is a {type(config).__name__}, a prompt-learning method that "
+                    "prepends virtual tokens to every row (prompt tuning, P-tuning). Those positions have no token, "
+                    "role or loss weight, and PEFT lets the last virtual token predict the row's first token, which "
+                    "no weighting here describes, so PLWTrainer cannot reproduce that loss. Use prefix tuning "
+                    "(PrefixTuningConfig, which adds no position) or an adapter that keeps the sequence as it is "
                     "(LoraConfig, including on lm_head)."
                 )
 
@@ -503,6 +519,7 @@ class PLWTrainer(SFTTrainer):
                     "text_field": args.dataset_text_field,
                     "message_weight_key": self._message_weight_key(dataset, first),
                     "allow_negative": self._allow_negative_weights,
+                    "assistant_only": getattr(self, "_assistant_only_loss", False),
                 },
                 remove_columns=[c for c in ("prompt", "completion", "messages") if c in first]
                 + ([args.dataset_text_field] if args.dataset_text_field in first and "prompt" not in first else []),
@@ -599,6 +616,7 @@ class PLWTrainer(SFTTrainer):
         text_field: str,
         message_weight_key: str | None = None,
         allow_negative: bool = False,
+        assistant_only: bool = False,
     ) -> dict[str, Any]:
         tools = example.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
@@ -610,7 +628,9 @@ class PLWTrainer(SFTTrainer):
             "allow_negative_weights": allow_negative,
         }
         if "prompt" in example and "completion" in example:
-            return tokenize_prompt_completion(tokenizer, example["prompt"], example["completion"], **kwargs)
+            return tokenize_prompt_completion(
+                tokenizer, example["prompt"], example["completion"], assistant_only=assistant_only, **kwargs
+            )
         if "messages" in example and is_conversational(example):
             return tokenize_messages(tokenizer, example["messages"], **kwargs)
         if text_field in example:
@@ -629,7 +649,7 @@ class PLWTrainer(SFTTrainer):
         rules = resolve_span_rules(self._plw_args.span_weights)
         if not rules or "token_spans" in dataset_column_names(dataset):
             return dataset
-        tokenizer = self._tokenizer
+        tokenizer = self._plw_tokenizer
 
         def add(example):
             source = first_source(example, ROLE_SOURCE_COLUMNS)
@@ -882,29 +902,12 @@ class PLWTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
-# Settings both PLWConfig and DataCollatorForWeightedCompletionLM have, with the same meaning.
-SHARED_POLICY_FIELDS = (
-    "response_template",
-    "instruction_template",
-    "prompt_loss_weight",
-    "completion_loss_weight",
-    "role_weights",
-    "example_weight_column",
-    "span_weights",
-    "pad_to_multiple_of",
-)
-
-
-def _default(cls: type, name: str) -> Any:
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
-
-
 def _as_plw_config(args: Any, model: Any) -> PLWConfig:
     """The trainer's own copy of its configuration: a PLWConfig built from ``args`` as SFTTrainer builds an SFTConfig
     (None -> defaults, a ``transformers.TrainingArguments`` converted field by field), copied so that resolving the
     policy never changes the object the caller holds."""
     if args is None:
-        name = model if isinstance(model, str) else model.config._name_or_path
+        name = model if isinstance(model, str) else model.config.name_or_path
         return PLWConfig(f"{name.split('/')[-1]}-PLW")
     if isinstance(args, PLWConfig):
         return copy.copy(args)
@@ -949,40 +952,25 @@ def _first_data_kind(
 
 def _resolve_weighting_policy(
     args: PLWConfig, collator: DataCollatorForWeightedCompletionLM | None, kind: DataKind | None
-) -> DataCollatorForWeightedCompletionLM | None:
-    """Merge a given collator's policy into ``args``, resolve an unset prompt weight, and return the trainer's copy
-    of the collator.
+) -> None:
+    """Resolve the weighting policy once, into ``args`` (the trainer's copy).
 
-    A collator setting is *stated* where it differs from its default; a PLWConfig setting where it differs from its
-    default (``prompt_loss_weight``: where it is not None). The collator's stated values go into ``args`` (so
-    dataset preparation, schedules and logs use them); PLWConfig's stated values go into the copy; both stated and
-    different raises, naming both. An unset prompt weight becomes SFTTrainer's for the data (`sft_prompt_weight`).
-    Then TRL's ``completion_only_loss``/``assistant_only_loss`` are checked against the weights, and the copy gets the
-    prompt weight in force (1.0 with a schedule: the scheduled value multiplies it at loss time)."""
-    weight_source = "set in PLWConfig"
-    if collator is not None:
-        to_collator = {}
-        for name in SHARED_POLICY_FIELDS:
-            ours, theirs = getattr(args, name), getattr(collator, name)
-            ours_stated = ours != _default(PLWConfig, name)
-            theirs_stated = theirs != _default(DataCollatorForWeightedCompletionLM, name)
-            if ours_stated and theirs_stated and ours != theirs:
-                raise ValueError(
-                    f"PLWConfig.{name}={ours!r} but the data_collator has {name}={theirs!r}. The collator passed to "
-                    "PLWTrainer is the source of its weighting policy; state the setting in one place only (or give "
-                    "both the same value)."
-                )
-            if theirs_stated:
-                setattr(args, name, theirs)
-                if name == "prompt_loss_weight":
-                    weight_source = "set on the data_collator"
-            elif ours_stated:
-                to_collator[name] = ours
-        collator = dataclasses.replace(collator, **to_collator)
-    if args.prompt_loss_weight is None:
-        weight = 0.0 if kind is None else sft_prompt_weight(kind, args.completion_only_loss, args.assistant_only_loss)
+    A given collator's policy and PLWConfig's are merged (`WeightingPolicy.merge`): a setting stated on both sides
+    with different values raises, naming both, even where one equals the other side's default (unset is None on
+    both). An unset prompt weight becomes SFTTrainer's for the data (`sft_prompt_weight`), the other unset settings
+    their defaults. Then TRL's ``completion_only_loss``/``assistant_only_loss`` are checked against the weights, and
+    the policy in force is logged in one line."""
+    ours = WeightingPolicy.of(args)
+    policy = ours if collator is None else collator.policy.merge(ours, "data_collator", "PLWConfig")
+    if collator is not None and collator.prompt_loss_weight is not None:
+        weight_source = "set on the data_collator"
+    else:
+        weight_source = "set in PLWConfig"
+    default = 0.0
+    if policy.prompt_loss_weight is None:
+        default = 0.0 if kind is None else sft_prompt_weight(kind, args.completion_only_loss, args.assistant_only_loss)
         weight_source = "default: " + (
-            "no example to read, completion only" if kind is None else describe_sft_default(weight)
+            "no example to read, completion only" if kind is None else describe_sft_default(default)
         )
         if args.completion_only_loss is True and kind is DataKind.CONVERSATIONAL:
             # SFTTrainer ignores the switch on language-modeling data (no completion mask) and trains every token.
@@ -991,11 +979,10 @@ def _resolve_weighting_policy(
                 "it there and trains every token; PLWTrainer trains the assistant turns only (prompt weight 0). Use "
                 "assistant_only_loss=True for TRL's equivalent, or drop completion_only_loss to train every token."
             )
-            weight, weight_source = 0.0, "completion_only_loss=True"
-        args.prompt_loss_weight = weight
+            default, weight_source = 0.0, "completion_only_loss=True"
+    for name, value in dataclasses.asdict(policy.resolved(prompt_loss_weight=default)).items():
+        setattr(args, name, value)
     _apply_loss_switches(args, kind)
-    if collator is not None:
-        collator.prompt_loss_weight = 1.0 if args.has_schedule else args.prompt_loss_weight
     logger.info(
         "PLWTrainer policy: %s data, prompt_loss_weight=%s (%s)%s, completion_loss_weight=%s, role_weights=%s, "
         "loss_normalization=%s",
@@ -1007,7 +994,6 @@ def _resolve_weighting_policy(
         args.role_weights,
         args.loss_normalization,
     )
-    return collator
 
 
 def _prompt_side_peaks(args: PLWConfig) -> dict[str, float]:
