@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install demo test docs bench lint clean
+.PHONY: install demo test test-oldest docs bench lint clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ test: install
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
+# The fast suite on the oldest supported versions (.ci/oldest-versions.txt), in a second venv built like $(VENV) with
+# those versions pinned; only torch (and Triton) is shared with $(VENV), through a .pth file. See docs/COMPATIBILITY.md.
+test-oldest: install
+	$(BIN)/python scripts/compat_matrix.py --sets oldest --tests fast --no-write --venv .venv-oldest --root .venv-oldest-shared --base-venv $(VENV)
+
 bench: install
 	$(BIN)/python benchmarks/throughput.py
 
@@ -41,4 +46,4 @@ lint: install
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
 clean:
-	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-oldest .venv-oldest-shared build dist site src/*.egg-info .pytest_cache

@@ -248,3 +248,18 @@ def test_every_public_name_has_a_reference_entry():
     offline_loaders = {"load_model", "load_tokenizer", "load_model_and_tokenizer"}
     missing = set(trl_plw.__all__) - documented - offline_loaders - {"__version__"}
     assert not missing, f"public names without an API reference entry in docs/reference/: {sorted(missing)}"
+
+
+def test_every_plwconfig_field_has_help():
+    """The reference shows each field's ``metadata["help"]`` (docs/_tools/griffe_help.py), the text ``trl-plw sft
+    --help`` prints: a field added without one would show up undocumented in both."""
+    import dataclasses
+
+    from trl.trainer.sft_config import SFTConfig
+
+    from trl_plw import PLWConfig
+
+    inherited = {f.name for f in dataclasses.fields(SFTConfig)}
+    own = [f for f in dataclasses.fields(PLWConfig) if f.name not in inherited]
+    assert own, "PLWConfig adds fields to SFTConfig"
+    assert not [f.name for f in own if not f.metadata.get("help")], "PLWConfig fields without metadata help"

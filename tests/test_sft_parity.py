@@ -22,6 +22,7 @@ from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 from trl_plw import PLWConfig, PLWTrainer
+from trl_plw._compat import trl_at_least
 
 ROWS = 4
 
@@ -86,8 +87,8 @@ CASES = [
 ]
 
 
-def sft_and_plw(tokenizer, tmp_path, data, plw_args=None, **flags):
-    model = tiny(len(tokenizer))
+def sft_and_plw(tokenizer, tmp_path, data, plw_args=None, model=None, **flags):
+    model = tiny(len(tokenizer)) if model is None else model
     sft = SFTTrainer(
         copy.deepcopy(model),
         args=SFTConfig(**common_args(output_dir=str(tmp_path / "sft"), **flags)),
@@ -138,8 +139,9 @@ def test_policy_in_force_is_logged_once_in_one_line(smollm2_tokenizer, tmp_path,
         sft_and_plw(smollm2_tokenizer, tmp_path, messages_data())
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("PLWTrainer policy:")]
     assert len(lines) == 1 and "\n" not in lines[0]
-    assert "conversational language modeling data" in lines[0] and "prompt_loss_weight=1.0 (default: every token" in (
-        lines[0]
+    assert (
+        "conversational language modeling data" in lines[0]
+        and "prompt_loss_weight=1.0 (default: every token" in (lines[0])
     )
 
 
@@ -165,9 +167,51 @@ def test_training_arguments_and_sft_config_are_converted(smollm2_tokenizer, tmp_
     assert args.prompt_loss_weight is None and plw.args.prompt_loss_weight == 1.0  # resolved on the trainer's copy
 
 
+@pytest.mark.skipif(not trl_at_least("1.4"), reason="TRL < 1.4 has no loss_type='chunked_nll'")
 def test_chunked_nll_is_weighted_like_nll(smollm2_tokenizer, tmp_path):
     """TRL 1.10-1.15 default to loss_type='chunked_nll' (the same loss by a chunked head; an alias in 1.16)."""
     flags = {"loss_type": "chunked_nll"}
     sft, plw = sft_and_plw(smollm2_tokenizer, tmp_path, prompt_completion_data(), **flags)
     assert plw.args.loss_type == "nll"
     assert_same_training(sft, plw, len(smollm2_tokenizer))
+
+
+def test_mean_token_accuracy_under_trls_name(smollm2_tokenizer, tmp_path):
+    """TRL logs mean_token_accuracy (argmax hits over the trained targets); PLWTrainer reports it under that name
+    from its fused pass, equal to SFTTrainer's on the same batch (the same ratio of counts, which TRL divides in
+    float32: one float32 rounding apart; float64 logits have no ties). The head is set so that the batch's most frequent target wins wherever the hidden state leans
+    towards the batch mean, so the accuracy is neither 0 nor 1."""
+    model = tiny(len(smollm2_tokenizer))
+    data = messages_data()
+    ids = torch.tensor(
+        SFTTrainer(
+            copy.deepcopy(model),
+            args=SFTConfig(**common_args(output_dir=str(tmp_path / "probe"))),
+            train_dataset=data,
+            processing_class=smollm2_tokenizer,
+        ).train_dataset[0]["input_ids"]
+    )
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids[None]).last_hidden_state[0]
+        frequent = torch.mode(ids[1:]).values
+        model.lm_head.weight[frequent] = 100 * hidden.mean(0)
+    sft, plw = sft_and_plw(smollm2_tokenizer, tmp_path, data, model=model)
+    sft_batch = sft.data_collator(first_rows(sft.train_dataset, ROWS))
+    plw_batch = plw.data_collator(first_rows(plw.train_dataset, ROWS))
+    first_batch_loss(sft, sft_batch)
+    first_batch_loss(plw, plw_batch)
+    expected = sft._metrics["train"]["mean_token_accuracy"][-1]
+    assert 0 < expected < 1
+    ours = plw._split_metrics["train"].compute()["mean_token_accuracy"]
+    assert ours == pytest.approx(expected, rel=torch.finfo(torch.float32).eps, abs=0)
+
+
+def test_per_example_chat_template_kwargs_are_honoured(smollm2_tokenizer, tmp_path):
+    """A `chat_template_kwargs` column (TRL reads it per example) reaches the template: PLWTrainer renders what
+    SFTTrainer renders, and trains the same tokens with the same loss."""
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.chat_template = "{% if greeting %}{{ greeting }}\n{% endif %}" + smollm2_tokenizer.chat_template
+    rows = [dict(row, chat_template_kwargs={"greeting": f"Hello {i}"}) for i, row in enumerate(messages_data())]
+    sft, plw = sft_and_plw(tokenizer, tmp_path, Dataset.from_list(rows))
+    assert_same_training(sft, plw, len(tokenizer))
+    assert tokenizer.decode(plw.train_dataset[1]["input_ids"]).startswith("Hello 1\n")

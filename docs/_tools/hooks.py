@@ -22,6 +22,7 @@ log = logging.getLogger("mkdocs.hooks.trl_plw")
 EXPECTED_PAGES = {
     "COMPATIBILITY.md": "Supported configurations",
     "WEIGHTS.md": "Token weights",
+    "CLI.md": "The trl-plw command line",
 }
 
 _LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")

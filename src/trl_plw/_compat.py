@@ -165,6 +165,13 @@ def moe_aux_loss_coef(trainer: Any) -> float:
     return float(getattr(text_config, "router_aux_loss_coef", 0.0))
 
 
+def dataset_column_names(dataset: Any) -> list[str]:
+    """Column names of a Dataset or IterableDataset (an IterableDataset of unknown features: its first row's keys).
+    ``trl.data_utils.get_dataset_column_names`` does this since TRL 1.8; written here for 1.0-1.7 (can go when the oldest supported TRL is 1.8)."""
+    names = dataset.column_names
+    return list(next(iter(dataset)).keys()) if names is None else list(names)
+
+
 def lm_head_gather_context(*params: Any) -> contextlib.AbstractContextManager:
     """TRL's context that all-gathers ZeRO-3-partitioned head parameters for a fused loss
     (``trl.trainer.utils.maybe_gather_lm_head_ctx``, TRL >= 1.9). Older TRL has none: outside ZeRO-3 nothing needs

@@ -788,13 +788,18 @@ class _Conversation(NamedTuple):
     message_chars: list[list[tuple[int, int]]]
 
 
-def _end_of_turn(ids: np.ndarray, offsets: np.ndarray, special: np.ndarray, after: int, turn_end: int) -> int | None:
-    """Character end of the first special token (the end-of-turn token) starting in ``[after, turn_end)``."""
+def _end_of_turn(
+    ids: np.ndarray, offsets: np.ndarray, special: np.ndarray, after: int, turn_end: int
+) -> tuple[int, int] | None:
+    """Character range of the first special token (the end-of-turn token) starting in ``[after, turn_end)``."""
     token_starts = offsets[:, 0]
     first = int(np.searchsorted(token_starts, after, side="left"))
     last = int(np.searchsorted(token_starts, turn_end, side="left"))
     is_special = np.isin(ids[first:last], special)
-    return int(offsets[first + int(np.argmax(is_special)), 1]) if is_special.any() else None
+    if not is_special.any():
+        return None
+    token = first + int(np.argmax(is_special))
+    return int(offsets[token, 0]), int(offsets[token, 1])
 
 
 def _analyse_conversation(
@@ -886,14 +891,16 @@ def _analyse_conversation(
     ids = np.asarray(input_ids, dtype=np.int64)
     message_chars: list[list[tuple[int, int]]] = [[] for _ in messages]
     for start, content_end, turn_end, i in assistant_spans:
-        end = _end_of_turn(ids, offsets, special, start if content_end is None else content_end, turn_end)
-        if end is None:  # no end-of-turn token: the completion ends with the content (or the turn)
+        eot = _end_of_turn(ids, offsets, special, start if content_end is None else content_end, turn_end)
+        if eot is not None:
+            end = eot[1]
+        else:  # no end-of-turn token: the completion ends with the content (or the turn)
             end = turn_end if content_end is None else content_end
         char_roles[start:end] = Role.COMPLETION  # up to and including the end-of-turn token: the model learns to stop
         message_chars[i] = [(start, end)]
     for spans, turn_end, i in other_spans:
         eot = _end_of_turn(ids, offsets, special, spans[-1][1], turn_end) if spans else None
-        message_chars[i] = list(spans) + ([(spans[-1][1], eot)] if eot is not None else [])
+        message_chars[i] = list(spans) + ([eot] if eot is not None else [])
     roles = _token_roles_from_chars(char_roles, offsets) if len(full) else np.zeros(0, dtype=np.int8)
     return _Conversation(input_ids, roles, offsets, message_chars)
 

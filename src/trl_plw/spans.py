@@ -218,6 +218,8 @@ def resolve_span_rules(spec: Any) -> tuple[SpanRule, ...]:
     for item in spec:
         if isinstance(item, SpanRule):
             new = [item]
+        elif isinstance(item, str) and item.strip().startswith(("{", "[")):
+            new = list(resolve_span_rules(item))
         elif isinstance(item, str):
             new = [rule for element in item.split("+") if element.strip() for rule in _chain_element(element)]
         elif isinstance(item, Mapping):

@@ -33,7 +33,6 @@ from datasets import Dataset, IterableDataset
 from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import (
-    get_dataset_column_names,
     is_conversational,
     is_conversational_from_value,
     maybe_convert_to_chatml,
@@ -42,6 +41,7 @@ from trl.data_utils import (
 
 from trl_plw._compat import (
     add_train_tokens,
+    dataset_column_names,
     lm_head_adapter_check_disabled,
     moe_aux_loss_coef,
     normalize_loss_type,
@@ -52,19 +52,23 @@ from trl_plw._compat import (
 )
 from trl_plw.attention import ensure_registered
 from trl_plw.collator import DataCollatorForWeightedCompletionLM
+from trl_plw.message_weights import any_weighted
 from trl_plw.metrics import SplitMetrics
 from trl_plw.policy import DataKind, describe_sft_default, detect_data_kind, sft_prompt_weight
 from trl_plw.roles import (
     PER_TOKEN_COLUMNS,
+    ROLE_SOURCE_COLUMNS,
     WEIGHT_SOURCE_COLUMNS,
     Role,
     RoleWeights,
     check_weight,
+    first_source,
     has_completion,
     tokenize_messages,
     tokenize_prompt_completion,
 )
 from trl_plw.schedules import SCHEDULE_KINDS, prompt_weight_at
+from trl_plw.spans import resolve_span_rules, token_span_bits
 from trl_plw.weighted_head import add_weighted_lm_head
 
 logger = logging.getLogger(__name__)
@@ -108,6 +112,15 @@ class PLWConfig(SFTConfig):
             response span as completion.
         example_weight_column (`str`, *optional*, defaults to `"weight"`):
             Name of an optional dataset column with a per-example multiplier of all its token weights.
+        span_weights (`str`, `dict` or `list`, *optional*):
+            Span rules multiplying the weight of the tokens a regular expression covers
+            ([`trl_plw.spans.resolve_span_rules`]): a preset chain (`"react"`, `"hermes"`, `"think"`, chained with
+            `+`, e.g. `"react+think=0.5"`), a mapping `{regex: weight}`, a list of them, or their JSON. Named rules are
+            reported per span in evaluation (`eval_span_<name>_loss`). See docs/WEIGHTS.md.
+        message_weight_key (`str` or `None`, *optional*, defaults to `"weight"`):
+            Key of a per-message weight in chat data (`{"role": ..., "content": ..., "weight": 0.3}`); with the
+            default key, ms-swift's `"loss"` is read too. It multiplies the message's content and end-of-turn token.
+            `None` ignores such keys.
         answer_tokens (`list[str]`, *optional*):
             Strings whose first token counts as an answer (e.g. `["A", "B", "C", "D"]`): evaluation then reports
             `eval_answer_accuracy`, the teacher-forced argmax accuracy on completion tokens that are answers.
@@ -147,6 +160,14 @@ class PLWConfig(SFTConfig):
     example_weight_column: str = field(
         default="weight", metadata={"help": "Dataset column with a per-example weight multiplier, if present."}
     )
+    span_weights: dict | str | None = field(
+        default=None,
+        metadata={"help": "Span rules: a preset chain ('react+think=0.5') or a JSON {regex: weight} mapping."},
+    )
+    message_weight_key: str | None = field(
+        default="weight",
+        metadata={"help": "Key of per-message weights in chat data ('weight'; ms-swift's 'loss' is an alias)."},
+    )
     answer_tokens: list[str] | None = field(
         default=None, metadata={"help": "Answer strings for eval_answer_accuracy, e.g. A B C D."}
     )
@@ -163,6 +184,14 @@ class PLWConfig(SFTConfig):
                 self.role_weights = json.loads(self.role_weights)
             except json.JSONDecodeError as err:
                 raise ValueError(f"role_weights must be a JSON object, got {self.role_weights!r}: {err}") from err
+        if isinstance(self.span_weights, str) and self.span_weights.strip().startswith(("{", "[")):
+            try:
+                self.span_weights = json.loads(self.span_weights)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"span_weights must be a preset chain or JSON, got {self.span_weights!r}: {err}"
+                ) from err
+        resolve_span_rules(self.span_weights)  # bad patterns or presets raise here, naming the rule
         if self.loss_normalization not in ("weights", "nonzero_tokens"):
             raise ValueError(
                 f"loss_normalization={self.loss_normalization!r}; use 'weights' (divide by the sum of weights) or "
@@ -283,6 +312,7 @@ class PLWTrainer(SFTTrainer):
                 completion_loss_weight=args.completion_loss_weight,
                 role_weights=args.role_weights,
                 example_weight_column=args.example_weight_column,
+                span_weights=args.span_weights,
                 padding_free=self.padding_free,
                 pad_to_multiple_of=args.pad_to_multiple_of,
             )
@@ -301,7 +331,8 @@ class PLWTrainer(SFTTrainer):
         # compute_loss returns the loss already divided by the window's global denominator
         self.loss_is_scaled_for_ga = True
         self._answer_token_ids = self._resolve_answer_tokens(args.answer_tokens)
-        self._split_metrics = {"train": SplitMetrics(), "eval": SplitMetrics()}
+        span_names = tuple(rule.name for rule in data_collator.span_rules)
+        self._split_metrics = {"train": SplitMetrics(span_names), "eval": SplitMetrics(span_names)}
         attention = getattr(self.model.config, "_attn_implementation", None)
         ensure_registered(attention)  # a model whose config names our backend (e.g. set after loading) can run it
         if self.padding_free and self.args.device.type == "cuda" and attention in ("sdpa", "eager"):
@@ -445,7 +476,7 @@ class PLWTrainer(SFTTrainer):
         if isinstance(dataset, Dataset):
             map_kwargs["num_proc"] = args.dataset_num_proc
 
-        columns = get_dataset_column_names(dataset)
+        columns = dataset_column_names(dataset)
         if getattr(self, "_assistant_only_loss", False):
             first = next(iter(dataset))
             if not (is_conversational(first) or "assistant_masks" in first or "token_roles" in first):
@@ -461,18 +492,23 @@ class PLWTrainer(SFTTrainer):
             if is_conversational_from_value(first):
                 dataset = dataset.map(
                     maybe_convert_to_chatml,
-                    remove_columns="conversations" if "conversations" in get_dataset_column_names(dataset) else None,
+                    remove_columns="conversations" if "conversations" in dataset_column_names(dataset) else None,
                     **map_kwargs,
                 )
                 first = next(iter(dataset))
             dataset = dataset.map(
                 self._tokenize_example,
-                fn_kwargs={"tokenizer": tokenizer, "text_field": args.dataset_text_field},
+                fn_kwargs={
+                    "tokenizer": tokenizer,
+                    "text_field": args.dataset_text_field,
+                    "message_weight_key": self._message_weight_key(dataset, first),
+                    "allow_negative": self._allow_negative_weights,
+                },
                 remove_columns=[c for c in ("prompt", "completion", "messages") if c in first]
                 + ([args.dataset_text_field] if args.dataset_text_field in first and "prompt" not in first else []),
                 **map_kwargs,
             )
-        columns = get_dataset_column_names(dataset)
+        columns = dataset_column_names(dataset)
         if not any(c in columns for c in WEIGHT_SOURCE_COLUMNS):
             if self._template_matcher is not None:
                 dataset = self._apply_templates(dataset, dataset_name, map_kwargs)
@@ -492,9 +528,10 @@ class PLWTrainer(SFTTrainer):
                     "SFTTrainer does on language-modeling data."
                 )
 
-        per_token = [c for c in PER_TOKEN_COLUMNS if c in get_dataset_column_names(dataset)]
+        dataset = self._add_token_spans(dataset, map_kwargs)
+        per_token = [c for c in PER_TOKEN_COLUMNS if c in dataset_column_names(dataset)]
         example_weight = args.example_weight_column
-        has_example_weight = example_weight in get_dataset_column_names(dataset)
+        has_example_weight = example_weight in dataset_column_names(dataset)
         if has_example_weight and packing:
             # A scalar weight would be lost when rows are concatenated; spread it over the example's tokens first.
             first_value = next(iter(dataset))[example_weight]
@@ -537,14 +574,45 @@ class PLWTrainer(SFTTrainer):
             dataset = dataset.shuffle(seed=args.seed)
         return dataset
 
+    def _message_weight_key(self, dataset, first: dict[str, Any]) -> str | None:
+        """``args.message_weight_key`` when some message of the dataset carries a weight, else None (then no
+        ``message_weights`` column is stored). An IterableDataset is not scanned: its first example decides."""
+        key = self._plw_args.message_weight_key
+        columns = [c for c in ("messages", "prompt", "completion") if c in first]
+        if key is None or not columns:
+            return None
+        if isinstance(dataset, Dataset):
+            found = any(any_weighted(dataset[c], key) for c in columns)
+        else:
+            found = any(any_weighted([first[c]], key) for c in columns)
+        return key if found else None
+
+    @property
+    def _allow_negative_weights(self) -> bool:
+        collator = self._plw_collator
+        return collator is not None and collator.allow_negative_weights
+
     @staticmethod
-    def _tokenize_example(example: dict[str, Any], tokenizer, text_field: str) -> dict[str, Any]:
+    def _tokenize_example(
+        example: dict[str, Any],
+        tokenizer,
+        text_field: str,
+        message_weight_key: str | None = None,
+        allow_negative: bool = False,
+    ) -> dict[str, Any]:
         tools = example.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
+        # Per-example template arguments (a dataset column, as TRL reads them), e.g. a harmony model's identity.
+        kwargs = {
+            "tools": tools,
+            "chat_template_kwargs": example.get("chat_template_kwargs") or None,
+            "message_weight_key": message_weight_key,
+            "allow_negative_weights": allow_negative,
+        }
         if "prompt" in example and "completion" in example:
-            return tokenize_prompt_completion(tokenizer, example["prompt"], example["completion"], tools=tools)
+            return tokenize_prompt_completion(tokenizer, example["prompt"], example["completion"], **kwargs)
         if "messages" in example and is_conversational(example):
-            return tokenize_messages(tokenizer, example["messages"], tools=tools)
+            return tokenize_messages(tokenizer, example["messages"], **kwargs)
         if text_field in example:
             text = example[text_field]
             if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
@@ -554,6 +622,26 @@ class PLWTrainer(SFTTrainer):
             "PLWTrainer found no 'prompt'+'completion', 'messages' or "
             f"'{text_field}' column in an example with keys {sorted(example)}."
         )
+
+    def _add_token_spans(self, dataset, map_kwargs: dict[str, Any]):
+        """``token_spans`` (the span rules covering each token) before truncation and packing, which carry it like
+        every per-token column; the roles it reads come from the example's first role source."""
+        rules = resolve_span_rules(self._plw_args.span_weights)
+        if not rules or "token_spans" in dataset_column_names(dataset):
+            return dataset
+        tokenizer = self._tokenizer
+
+        def add(example):
+            source = first_source(example, ROLE_SOURCE_COLUMNS)
+            if source == "token_roles":
+                roles = example[source]
+            elif source is not None:
+                roles = [int(v != 0) for v in example[source]]  # Role.COMPLETION == 1, Role.PROMPT == 0
+            else:  # explicit loss_weights only: what carries weight counts as completion
+                roles = [int(w != 0) for w in example["loss_weights"]]
+            return {"token_spans": token_span_bits(tokenizer, example["input_ids"], roles, rules).tolist()}
+
+        return dataset.map(add, **map_kwargs)
 
     @property
     def _on_missing_template(self) -> str:
@@ -648,6 +736,7 @@ class PLWTrainer(SFTTrainer):
         inputs.pop("loss_weights")
         prompt_mask = inputs.pop("prompt_mask").bool()
         completion_mask = inputs.pop("completion_mask").bool()
+        token_spans = inputs.pop("token_spans", None)
         inputs.pop("labels", None)
         input_ids = inputs["input_ids"]
         scorable = prompt_mask | completion_mask | (weights != 0)
@@ -699,6 +788,7 @@ class PLWTrainer(SFTTrainer):
             prompt_mask[:, 1:],
             completion_mask[:, 1:],
             answer_mask,
+            None if token_spans is None else token_spans[:, 1:],
         )
         if mode == "train":
             if "attention_mask" in inputs:
@@ -800,6 +890,7 @@ SHARED_POLICY_FIELDS = (
     "completion_loss_weight",
     "role_weights",
     "example_weight_column",
+    "span_weights",
     "pad_to_multiple_of",
 )
 
