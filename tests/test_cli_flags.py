@@ -148,3 +148,31 @@ def test_a_failed_start_leaves_nothing_that_binds_the_corrected_rerun(tmp_path):
     (out / "plw_1" / "done.json").write_text("{}")
     with pytest.raises(ValueError, match=r"eval_examples: 200 -> 10.*--no-resume"):
         check_resumable(SweepConfig(dataset_name=data, eval_examples=10), out)
+
+
+def test_sweep_reads_a_config_file_like_trl_sft(tmp_path):
+    """`--config sweep.yaml` sets sweep and training fields alike; a flag on the command line overrides the file."""
+    recipe = tmp_path / "sweep.yaml"
+    recipe.write_text(
+        "dataset_name: d.jsonl\nplws: [1.0, 0.0]\nper_device_train_batch_size: 2\noptim: sgd\nlearning_rate: 5.0e-4\n"
+    )
+    config, _, _ = _parse("sweep", ["--config", str(recipe), "--learning_rate", "1e-4"])
+    assert (config.dataset_name, config.plws, config.per_device_train_batch_size) == ("d.jsonl", (1.0, 0.0), 2)
+    assert config.learning_rate == 1e-4 and config.extra == {"optim": "sgd"}
+
+
+def test_a_sweep_recorded_under_the_old_field_names_resumes(tmp_path):
+    from dataclasses import asdict
+
+    from trl_plw.experiments.sweep import RENAMED_FIELDS, SweepConfig, check_resumable
+
+    config = SweepConfig(dataset_name="d.jsonl", per_device_train_batch_size=4)
+    old_names = {new: old for old, new in RENAMED_FIELDS.items()}
+    record = {old_names.get(k, k): v for k, v in json.loads(json.dumps(asdict(config))).items()}
+    assert record["batch_size"] == 4 and "per_device_train_batch_size" not in record
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    (tmp_path / "plw_1").mkdir()
+    (tmp_path / "plw_1" / "done.json").write_text("{}")
+    check_resumable(config, tmp_path)  # the same settings under their new names
+    with pytest.raises(ValueError, match=r"per_device_train_batch_size: 4 -> 8"):
+        check_resumable(SweepConfig(dataset_name="d.jsonl"), tmp_path)

@@ -537,7 +537,8 @@ def test_signature_written_once_and_checks_split_by_concern():
     assert math_names.isdisjoint(OPTION_NAMES) and "options" in math_names
     for module in (wlc, trl_plw.ops._eager, trl_plw.ops._fused):
         for name, fn in inspect.getmembers(module, inspect.isfunction):
-            if fn is _OP or fn.__module__ != module.__name__:
+            # dunder names: torch.compile's resume functions, injected into the module by the compile test
+            if fn is _OP or fn.__module__ != module.__name__ or name.startswith("__"):
                 continue
             shared = math_names & set(inspect.signature(fn).parameters)
             assert len(shared) < len(math_names) / 2, f"{module.__name__}.{name} repeats the op's signature: {shared}"

@@ -20,17 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from trl_plw.cli.flags import bool_fields, negate_bool_flags
+from trl_plw.experiments.sweep import RENAMED_FIELDS
 
 DEPRECATED_FLAGS = {
-    "--model": "--model_name_or_path",
-    "--dataset": "--dataset_name",
-    "--train-split": "--dataset_train_split",
-    "--eval-split": "--dataset_test_split",
-    "--batch-size": "--per_device_train_batch_size",
-    "--eval-batch-size": "--per_device_eval_batch_size",
-    "--grad-accum": "--gradient_accumulation_steps",
-    "--warmup-ratio": "--warmup_steps",
-    "--gradient-checkpointing": "--activation_checkpointing",
+    **{f"--{old.replace('_', '-')}": f"--{new}" for old, new in RENAMED_FIELDS.items()},
     "--no-gradient-checkpointing": "--no-activation-checkpointing",
 }
 """The sweep's flags before it took PLWConfig's names: still accepted for one release, with a FutureWarning."""

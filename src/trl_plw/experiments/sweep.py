@@ -510,6 +510,20 @@ def run_sweep(
     return write_reports(config, all_events, output_dir, n_eval, gen_ratio, plots=plots, plot_name=plot_name)
 
 
+RENAMED_FIELDS = {
+    "model": "model_name_or_path",
+    "dataset": "dataset_name",
+    "train_split": "dataset_train_split",
+    "eval_split": "dataset_test_split",
+    "batch_size": "per_device_train_batch_size",
+    "eval_batch_size": "per_device_eval_batch_size",
+    "grad_accum": "gradient_accumulation_steps",
+    "warmup_ratio": "warmup_steps",
+    "gradient_checkpointing": "activation_checkpointing",
+}
+"""SweepConfig fields that took their PLWConfig/TRL names: a config.json written before reads under the new names,
+and the old command-line flags still work for one release (`trl_plw.cli.sweep.DEPRECATED_FLAGS`)."""
+
 RESUMABLE_CHANGES = ("plws", "seeds")
 """Fields a resumed sweep may change: more weights or seeds add runs; any other change would mix two sweeps."""
 
@@ -525,7 +539,7 @@ def check_resumable(config: SweepConfig, output_dir: Path) -> None:
     path = output_dir / "config.json"
     if not path.is_file() or not any(output_dir.rglob("done.json")):
         return
-    before = json.loads(path.read_text())
+    before = {RENAMED_FIELDS.get(k, k): v for k, v in json.loads(path.read_text()).items()}
     now = json.loads(json.dumps(asdict(config)))  # tuples as lists, as the file holds them
     changed = sorted(k for k in set(before) | set(now) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
     if changed:
