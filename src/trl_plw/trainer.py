@@ -629,7 +629,7 @@ class PLWTrainer(SFTTrainer):
         rules = resolve_span_rules(self._plw_args.span_weights)
         if not rules or "token_spans" in dataset_column_names(dataset):
             return dataset
-        tokenizer = self._tokenizer
+        tokenizer = self._plw_tokenizer
 
         def add(example):
             source = first_source(example, ROLE_SOURCE_COLUMNS)
