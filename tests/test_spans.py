@@ -361,3 +361,53 @@ def test_plwconfig_reads_span_weights_and_message_key_from_the_command_line():
     assert mapping.span_weights == {"(?s)<a>.*?</a>": 2} and mapping.message_weight_key == "loss"
     with pytest.raises(ValueError, match="not a valid regular expression"):
         PLWConfig("unused", report_to="none", use_cpu=True, span_weights={"(": 1.0})
+
+
+@pytest.mark.parametrize("kind", ["prompt_completion", "conversational", "text_with_template"])
+def test_span_rules_on_every_data_format(smollm2_tokenizer, tmp_path, kind):
+    """PLWTrainer stores `token_spans` for prompt-completion, chat-style prompt-completion and text + response
+    template data alike; the rule reads the completion only (the <think> in the prompt is not covered)."""
+    from conftest import make_tiny_llama
+    from datasets import Dataset
+
+    from trl_plw import PLWConfig, PLWTrainer
+
+    tok = smollm2_tokenizer
+    question, answer = "Q: <think>not mine</think> 2+2?", "<think>two plus two</think> 4"
+    row, extra = {
+        "prompt_completion": ({"prompt": question + "\nA:", "completion": " " + answer}, {}),
+        "conversational": (
+            {
+                "prompt": [{"role": "user", "content": question}],
+                "completion": [{"role": "assistant", "content": answer}],
+            },
+            {},
+        ),
+        "text_with_template": (
+            {"text": f"{question}\n### Response:\n{answer}"},
+            {"response_template": "### Response:\n"},
+        ),
+    }[kind]
+    trainer = PLWTrainer(
+        make_tiny_llama(vocab_size=len(tok)),
+        args=PLWConfig(
+            str(tmp_path),
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            span_weights="think",
+            prompt_loss_weight=0.5,
+            **extra,
+        ),  # fmt: skip
+        train_dataset=Dataset.from_list([row] * 2),
+        processing_class=tok,
+    )
+    example = trainer.train_dataset[0]
+    ids = example["input_ids"]
+    text = tok.decode(ids)
+    encoding = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert encoding["input_ids"] == ids
+    offsets = np.asarray(encoding["offset_mapping"])
+    start = text.rindex("<think>")
+    expected = overlapping(offsets, start, text.index("</think>", start) + len("</think>"), ids, tok)
+    assert covered(np.asarray(example["token_spans"]), 0) == expected

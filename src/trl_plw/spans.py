@@ -51,6 +51,8 @@ __all__ = [
     "SPAN_PRESETS",
     "MAX_SPAN_RULES",
     "resolve_span_rules",
+    "rules_spec",
+    "with_rule_weight",
     "span_multipliers",
     "token_span_bits",
     "text_and_offsets",
@@ -233,6 +235,25 @@ def resolve_span_rules(spec: Any) -> tuple[SpanRule, ...]:
     if len(rules) > MAX_SPAN_RULES:
         raise ValueError(f"span_weights has {len(rules)} rules; at most {MAX_SPAN_RULES} are supported.")
     return tuple(rules)
+
+
+def rules_spec(rules: Sequence[SpanRule]) -> list[dict[str, Any]]:
+    """``rules`` as a JSON-able ``span_weights`` value (one ``{pattern: {weight, roles, name}}`` mapping per rule),
+    which `resolve_span_rules` reads back to the same rules, in order."""
+    return [{r.pattern: {"weight": r.weight, "roles": list(r.roles), "name": r.name}} for r in rules]
+
+
+def with_rule_weight(spec: Any, name: str, weight: float) -> list[dict[str, Any]]:
+    """``spec`` with the weight of the rule called ``name`` set to ``weight`` (as `rules_spec`). A name ``spec``
+    does not have is taken from the presets (``"think"`` adds the think rule); another name raises. This is how a
+    sweep varies one span's weight (``trl-plw sweep --sweep_weight think``)."""
+    rules = list(resolve_span_rules(spec))
+    if not any(rule.name == name for rule in rules):
+        if name not in _PRESET_RULES:
+            named = sorted({r.name for r in rules if r.name} | set(_PRESET_RULES))
+            raise ValueError(f"No span rule is named {name!r}: name one of {named} (or give it in span_weights).")
+        rules.append(_PRESET_RULES[name])
+    return rules_spec([SpanRule(r.pattern, weight, r.roles, r.name) if r.name == name else r for r in rules])
 
 
 def check_span_rules(rules: Sequence[SpanRule], allow_negative: bool, opt_in: str) -> None:

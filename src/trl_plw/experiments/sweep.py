@@ -87,7 +87,14 @@ class SweepArguments:
     # Lists for the parser (HfArgumentParser reads list fields as nargs="+"); a SweepConfig holds them as tuples.
     seeds: list[int] = help_field("Seeds; each weight is trained once per seed.", default_factory=lambda: [0])
     plws: list[float] = help_field(
-        "Prompt loss weights to sweep (alias: --plw).", default_factory=lambda: list(ARTICLE_SWEEP)
+        "Weights to sweep (alias: --plw): prompt loss weights, or the weights of the span rule --sweep_weight names.",
+        default_factory=lambda: list(ARTICLE_SWEEP),
+    )
+    sweep_weight: str = help_field(
+        "Which weight --plws sets: 'prompt' (prompt_loss_weight), or the name of a span rule (a preset rule such as "
+        "'think' or 'tool_call', or a named rule of --span_weights): each run then sets that rule's weight, and "
+        "--prompt_loss_weight (if given) stays fixed. See docs/WEIGHTS.md.",
+        default="prompt",
     )
     # Before the first step every weight has the same model (LoRA's B starts at zero), so its step-0 metrics are
     # the same; only `eval_loss`, the weighted mean, depends on the weight, and it is left out of the copies.
@@ -137,7 +144,12 @@ class SweepConfig(SweepArguments):
         self.seeds, self.plws = tuple(self.seeds), tuple(self.plws)
         if self.answer_tokens is not None:
             self.answer_tokens = tuple(self.answer_tokens)
-        clash = sorted(set(self.extra) & set(RUN_FIELDS))
+        run_fields = set(RUN_FIELDS) - ({"prompt_loss_weight"} if self.sweeps_span else set())
+        clash = sorted(set(self.extra) & run_fields)
+        if self.sweeps_span:
+            from trl_plw.spans import with_rule_weight
+
+            with_rule_weight(self.extra.get("span_weights"), self.sweep_weight, 1.0)  # an unknown rule raises now
         if clash:
             raise ValueError(
                 f"{', '.join(clash)} cannot be set for a sweep: each run sets it (the weights are --plws, the seeds "
@@ -148,6 +160,16 @@ class SweepConfig(SweepArguments):
                 f"lora_last_layers={self.lora_last_layers} places LoRA adapters, but lora_r={self.lora_r} means full "
                 "fine-tuning, which trains every layer; set lora_r > 0 or leave lora_last_layers unset"
             )
+
+    @property
+    def sweeps_span(self) -> bool:
+        """Whether the swept values are a span rule's weight (``sweep_weight`` names one) rather than the prompt's."""
+        return self.sweep_weight != "prompt"
+
+    @property
+    def axis_name(self) -> str:
+        """What a swept value is, in folder names and labels: ``plw``, or the span rule's name."""
+        return self.sweep_weight if self.sweeps_span else "plw"
 
 
 TRAINING_FIELDS: tuple[str, ...] = tuple(
@@ -274,8 +296,13 @@ def build_config(config: SweepConfig, plw: float, output_dir: Path, seed: int = 
         dataloader_num_workers=0,
     )
     kwargs.update(config.extra)
-    kwargs.update(output_dir=str(output_dir), prompt_loss_weight=plw, seed=seed, data_seed=seed,
-                  eval_on_start=eval_on_start)  # fmt: skip
+    kwargs.update(output_dir=str(output_dir), seed=seed, data_seed=seed, eval_on_start=eval_on_start)
+    if config.sweeps_span:
+        from trl_plw.spans import with_rule_weight
+
+        kwargs["span_weights"] = with_rule_weight(kwargs.get("span_weights"), config.sweep_weight, plw)
+    else:
+        kwargs["prompt_loss_weight"] = plw
     return PLWConfig(**kwargs)
 
 
@@ -459,9 +486,10 @@ def run_one(
     return events
 
 
-def run_dir(output_dir: Path, plw: float, seed: int, seeds: Sequence[int]) -> Path:
-    """``plw_W`` for a one-seed sweep (the layout of earlier recordings), ``seed_S/plw_W`` otherwise."""
-    name = f"plw_{plw:g}"
+def run_dir(output_dir: Path, plw: float, seed: int, seeds: Sequence[int], axis: str = "plw") -> Path:
+    """``plw_W`` for a one-seed sweep (the layout of earlier recordings), ``seed_S/plw_W`` otherwise; a span-weight
+    sweep names the folders after the rule (``think_W``)."""
+    name = f"{axis}_{plw:g}"
     return output_dir / name if len(seeds) == 1 else output_dir / f"seed_{seed}" / name
 
 
@@ -493,10 +521,10 @@ def run_sweep(
     (output_dir / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
     jobs = [(seed, plw) for seed in config.seeds for plw in config.plws]
     all_events: list[dict[str, Any]] = []
-    bar = tqdm(jobs, desc="PLW sweep", unit="run")
+    bar = tqdm(jobs, desc=f"{config.axis_name} sweep", unit="run")
     for seed, plw in bar:
-        bar.set_postfix(plw=f"{plw:g}", seed=seed)
-        folder = run_dir(output_dir, plw, seed, config.seeds)
+        bar.set_postfix({config.axis_name: f"{plw:g}", "seed": seed})
+        folder = run_dir(output_dir, plw, seed, config.seeds, config.axis_name)
         if resume and (folder / "done.json").is_file():
             all_events += read_events(folder / "metrics.jsonl")
             continue
@@ -581,9 +609,17 @@ def write_reports(
     recommendation = recommend(summary, gen_ratio)
     table = summary_markdown(summary)
     findings = findings_markdown(summary)
-    text = "\n\n".join([table, findings, recommendation["text"]])
+    parts = [table, findings, recommendation["text"]]
+    if config.sweeps_span:  # the tables' "PLW" column holds the swept span weight
+        parts.insert(0, f"Swept: the weight of span rule `{config.sweep_weight}` (column PLW below); the prompt "
+                        f"loss weight is fixed ({config.extra.get('prompt_loss_weight', 'unset')}).")  # fmt: skip
+    text = "\n\n".join(parts)
     (output_dir / "summary.json").write_text(
-        json.dumps({"rows": summary, "gen_ratio": gen_ratio, "recommendation": recommendation}, indent=1) + "\n"
+        json.dumps(
+            {"swept": config.sweep_weight, "rows": summary, "gen_ratio": gen_ratio, "recommendation": recommendation},
+            indent=1,
+        )
+        + "\n"
     )
     (output_dir / "summary.md").write_text(text + "\n")
     if plots:
