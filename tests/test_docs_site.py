@@ -45,3 +45,33 @@ def test_docs_pages_links_out_of_docs_and_code_fences(hooks):
     assert hooks._rewrite_links(page, "docs", "docs") == (
         "see the test (`tests/test_x.py`) and [RACE](RACE.md)\n```\n[not a link](../x)\n```\n"
     )
+
+
+def test_trl_style_docstrings_read_as_google_style():
+    """The griffe extension (docs/_tools/griffe_help.py) turns TRL's doc-builder parameter lines into Google style."""
+    pytest.importorskip("griffe")
+    spec = importlib.util.spec_from_file_location("trl_plw_griffe_help", ROOT / "docs" / "_tools" / "griffe_help.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    doc = (
+        "Configuration for [`PLWTrainer`], see :func:`weighted_linear_cross_entropy`.\n\n"
+        "Parameters:\n"
+        "    prompt_loss_weight (`float`, *optional*, defaults to `0.0`):\n"
+        "        Weight.\n"
+        "    role_weights (`dict[str, float]` or `str`, *optional*):\n"
+        "        Roles.\n"
+        "    span_weights (`str`, `dict` or `list`, *optional*):\n"
+        "        Spans.\n"
+        "    plain (int): already Google style.\n"
+    )
+    assert module.to_google_style(doc) == (
+        "Configuration for `PLWTrainer`, see `weighted_linear_cross_entropy`.\n\n"
+        "Parameters:\n"
+        "    prompt_loss_weight (float):\n"
+        "        Weight.\n"
+        "    role_weights (dict[str, float] | str):\n"
+        "        Roles.\n"
+        "    span_weights (str | dict | list):\n"
+        "        Spans.\n"
+        "    plain (int): already Google style."
+    )
