@@ -35,6 +35,7 @@ def _google_type(doc_builder_type: str) -> str:
             continue
         kept.append(part)
     text = ", ".join(kept)  # commas inside a type (dict[str, float]) come back here
+    text = re.sub(r"`\s*,\s*`", "` or `", text)  # `str`, `dict` or `list`: a list of alternatives
     return " | ".join(t.strip().strip("`") for t in text.split(" or "))
 
 
