@@ -888,6 +888,7 @@ def tokenize_messages(
     chat_template: str | None = None,
     tools: Any = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    assistant_mask_template: str | None = None,
 ) -> dict[str, list[int]]:
     """Tokenize a conversation with its chat template and give every token a role.
 
@@ -902,12 +903,47 @@ def tokenize_messages(
     Raises `TemplateNotPrefixConsistentError` (a ValueError) if the template does not render conversation prefixes
     as text prefixes of the whole conversation (then characters cannot be attributed to messages).
 
+    With ``assistant_mask_template`` (a template with ``{% generation %}`` markers: what TRL's
+    ``assistant_only_loss`` masks with), the conversation is rendered with it and exactly the tokens of its assistant
+    mask are ``COMPLETION`` (`_apply_assistant_mask`).
+
     Returns:
         ``{"input_ids": list[int], "token_roles": list[int]}``.
     """
-    kwargs = _chat_kwargs(chat_template, tools, chat_template_kwargs)
+    kwargs = _chat_kwargs(assistant_mask_template or chat_template, tools, chat_template_kwargs)
     input_ids, roles = _analyse_conversation(tokenizer, messages, kwargs)
+    if assistant_mask_template is not None:
+        roles = _apply_assistant_mask(tokenizer, messages, kwargs, input_ids, roles, start=0)
     return {"input_ids": input_ids, "token_roles": roles.tolist()}
+
+
+def _apply_assistant_mask(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    kwargs: dict[str, Any],
+    input_ids: Sequence[int],
+    roles: np.ndarray,
+    start: int,
+) -> np.ndarray:
+    """Make the template's assistant mask (from ``start`` on) the ``COMPLETION`` tokens, as TRL's
+    ``assistant_only_loss`` does: tokens inside ``{% generation %}`` are completion, a completion token outside it
+    (e.g. an end-of-turn token the markers leave out) becomes ``TEMPLATE``."""
+    rendered = tokenizer.apply_chat_template(
+        list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kwargs
+    )
+    if list(rendered["input_ids"]) != list(input_ids):
+        raise ValueError(
+            "The chat template renders different token ids with return_assistant_tokens_mask=True; the assistant "
+            "mask cannot be aligned with the tokens."
+        )
+    mask = np.asarray(rendered["assistant_masks"], dtype=bool)
+    mask[:start] = False
+    roles = roles.copy()
+    outside = ~mask
+    outside[:start] = False
+    roles[outside & (roles == Role.COMPLETION)] = Role.TEMPLATE
+    roles[mask] = Role.COMPLETION
+    return roles
 
 
 def _is_conversation(value: Any) -> bool:
@@ -932,6 +968,7 @@ def tokenize_prompt_completion(
     add_eos: bool = True,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     assistant_only: bool = False,
+    assistant_mask_template: str | None = None,
 ) -> dict[str, list[int]]:
     """Tokenize a prompt-completion pair like TRL's ``tokenize_fn``, with per-token roles.
 
@@ -943,7 +980,9 @@ def tokenize_prompt_completion(
     conversations they get per-role codes (``SYSTEM``/``USER``/``TOOL``/``TEMPLATE``; assistant turns inside the
     prompt are ``PROMPT``). If the template cannot be analysed per message, the prompt side falls back to ``PROMPT``
     with a warning. With ``assistant_only=True`` (TRL's ``assistant_only_loss``, which intersects the completion with
-    the assistant tokens) a non-assistant turn inside a conversational completion keeps its own role.
+    the assistant tokens) a non-assistant turn inside a conversational completion keeps its own role, and with
+    ``assistant_mask_template`` as well (see `tokenize_messages`) the completion tokens are exactly the template's
+    assistant mask after the prompt.
 
     Returns:
         ``{"input_ids": list[int], "token_roles": list[int]}``.
@@ -955,7 +994,9 @@ def tokenize_prompt_completion(
             f"(got {type(prompt).__name__} and {type(completion).__name__})."
         )
     if conversational:
-        kwargs = _chat_kwargs(chat_template, tools, chat_template_kwargs)
+        if not assistant_only:
+            assistant_mask_template = None
+        kwargs = _chat_kwargs(assistant_mask_template or chat_template, tools, chat_template_kwargs)
         prompt_ids = tokenizer.apply_chat_template(
             list(prompt), tokenize=True, return_dict=True, add_generation_prompt=True, **kwargs
         )["input_ids"]
@@ -976,6 +1017,8 @@ def tokenize_prompt_completion(
         head[head == Role.COMPLETION] = Role.PROMPT
         if not (assistant_only and analysed):
             roles[prompt_len:] = Role.COMPLETION
+        elif assistant_mask_template is not None:
+            roles = _apply_assistant_mask(tokenizer, conversation, kwargs, input_ids, roles, start=prompt_len)
         return {"input_ids": list(input_ids), "token_roles": roles.tolist()}
 
     if not isinstance(prompt, str) or not isinstance(completion, str):

@@ -41,6 +41,7 @@ from trl.data_utils import (
 
 from trl_plw._compat import (
     add_train_tokens,
+    assistant_mask_template,
     dataset_column_names,
     lm_head_adapter_check_disabled,
     moe_aux_loss_coef,
@@ -487,6 +488,10 @@ class PLWTrainer(SFTTrainer):
                     "tokenizer": tokenizer,
                     "text_field": args.dataset_text_field,
                     "assistant_only": getattr(self, "_assistant_only_loss", False),
+                    # TRL's assistant mask, where TRL has one for this template: the same tokens trained
+                    "mask_template": assistant_mask_template(tokenizer)
+                    if getattr(self, "_assistant_only_loss", False)
+                    else None,
                 },
                 remove_columns=[c for c in ("prompt", "completion", "messages") if c in first]
                 + ([args.dataset_text_field] if args.dataset_text_field in first and "prompt" not in first else []),
@@ -559,7 +564,7 @@ class PLWTrainer(SFTTrainer):
 
     @staticmethod
     def _tokenize_example(
-        example: dict[str, Any], tokenizer, text_field: str, assistant_only: bool = False
+        example: dict[str, Any], tokenizer, text_field: str, assistant_only: bool = False, mask_template=None
     ) -> dict[str, Any]:
         tools = example.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
@@ -567,10 +572,15 @@ class PLWTrainer(SFTTrainer):
         kwargs = {"tools": tools, "chat_template_kwargs": example.get("chat_template_kwargs") or None}
         if "prompt" in example and "completion" in example:
             return tokenize_prompt_completion(
-                tokenizer, example["prompt"], example["completion"], assistant_only=assistant_only, **kwargs
+                tokenizer,
+                example["prompt"],
+                example["completion"],
+                assistant_only=assistant_only,
+                assistant_mask_template=mask_template,
+                **kwargs,
             )
         if "messages" in example and is_conversational(example):
-            return tokenize_messages(tokenizer, example["messages"], **kwargs)
+            return tokenize_messages(tokenizer, example["messages"], assistant_mask_template=mask_template, **kwargs)
         if text_field in example:
             text = example[text_field]
             if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
