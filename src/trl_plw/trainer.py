@@ -222,11 +222,14 @@ class PLWTrainer(SFTTrainer):
     construction, and the trainer trains with a copy of the collator built with it (padding-free when the
     configuration is), so the object you passed is left unchanged.
 
-    TRL's switches keep their meaning: ``completion_only_loss=True`` and ``assistant_only_loss=True`` require every
-    prompt-side weight to be 0 (they raise otherwise); ``assistant_only_loss=True`` needs conversational data, whose
-    assistant turns PLWTrainer finds for any prefix-consistent chat template (no ``{% generation %}`` markers
-    needed). ``completion_only_loss=False`` is TRL's full-sequence loss: a prompt weight left at 0 becomes 1 (and on
-    plain text without templates every token is trained).
+    With nothing set, PLWTrainer trains what SFTTrainer trains on the data (docs/COMPATIBILITY.md): every token of
+    language-modeling data (``text``, ``messages``, bare ``input_ids``), the completion of prompt-completion data;
+    setting ``prompt_loss_weight`` (or ``role_weights``) switches weighting on. TRL's switches keep their meaning:
+    ``completion_only_loss=True`` and ``assistant_only_loss=True`` require every prompt-side weight to be 0 (they
+    raise otherwise); ``assistant_only_loss=True`` needs conversational data and trains TRL's assistant mask where
+    TRL has one for the template, else the assistant turns PLWTrainer finds for any prefix-consistent template.
+    ``completion_only_loss=False`` is TRL's full-sequence loss (an unset prompt weight resolves to 1; an explicit 0
+    contradicts it and raises).
 
     Example:
     ```python
