@@ -20,6 +20,7 @@ from _common import config_kwargs, parse
 from peft import LoraConfig
 
 from trl_plw import PLWConfig, PLWTrainer, load_model, load_tokenizer
+from trl_plw._compat import checkpointing_kwargs
 from trl_plw.cli.sft import load_any_dataset
 
 
@@ -53,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> PLWTrainer:
         packing=True,
         packing_strategy="bfd",  # padding-free rows with document boundaries (position_ids + cu_seq_lens)
         max_length=args.max_length,
-        activation_checkpointing=args.gradient_checkpointing,  # transformers >= 5.23's name for it
+        **checkpointing_kwargs(args.gradient_checkpointing),  # activation_checkpointing in transformers >= 5.23
         warmup_steps=0.05,
         weight_decay=0.001,
         max_grad_norm=0.3,

@@ -179,3 +179,12 @@ def test_assistant_mask_template_follows_trl(smollm2_tokenizer):
         "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
     )
     assert _compat.assistant_mask_template(tokenizer) == tokenizer.chat_template
+
+
+def test_checkpointing_switch_has_the_installed_name():
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    (name,) = _compat.checkpointing_kwargs(True)
+    assert name in {f.name for f in dataclasses.fields(TrainingArguments)}

@@ -14,6 +14,7 @@ lie outside what was measured.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.metadata
 import inspect
@@ -218,6 +219,16 @@ def lm_head_gather_context(*params: Any) -> contextlib.AbstractContextManager:
 
 
 # ------------------------------------------------------------------------------------------------ transformers
+
+
+def checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
+    """TrainingArguments' activation-checkpointing switch under the installed transformers' name:
+    ``activation_checkpointing`` since 5.23 (``gradient_checkpointing`` then warns, removed in v6), the old name
+    before. Can go when the oldest supported transformers is 5.23."""
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
 def attention_backend_registered(name: str) -> bool:

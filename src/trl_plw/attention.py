@@ -455,8 +455,8 @@ def plw_varlen_attention_forward(
 
 def varlen_attention_mask(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: int | None = None,  # transformers >= 5.3 (before: ``cache_position``, which arrives in kwargs)
+    kv_length: int = 0,
     q_offset: int = 0,
     kv_offset: int = 0,
     mask_function: Callable | None = None,

@@ -173,6 +173,7 @@ def build_config(config: SweepConfig, plw: float, output_dir: Path, seed: int = 
     """The `PLWConfig` of one run: one weight, one seed, evaluation on a step schedule (from step 0 by default)."""
     import torch
 
+    from trl_plw._compat import checkpointing_kwargs
     from trl_plw.trainer import PLWConfig
 
     extra = dict(config.extra)
@@ -203,7 +204,7 @@ def build_config(config: SweepConfig, plw: float, output_dir: Path, seed: int = 
         save_strategy="no",
         report_to="none",
         bf16=resolve_bf16(config),
-        activation_checkpointing=config.gradient_checkpointing,  # transformers >= 5.23's name
+        **checkpointing_kwargs(config.gradient_checkpointing),  # activation_checkpointing in transformers >= 5.23
         use_cpu=not torch.cuda.is_available(),
         seed=seed,
         data_seed=seed,
