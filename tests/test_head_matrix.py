@@ -190,7 +190,7 @@ def test_head_bias_matches_model_loss():
 def test_multimodal_wrapper_matches_model_loss(kind):
     model = make_vlm(kind).train()
     inputs = batch()
-    if kind == "gemma3":  # text-only rows: transformers 5.0-5.2's Gemma3 requires token_type_ids when training
+    if kind == "gemma3":  # text-only rows: Gemma3 requires token_type_ids when training in transformers 5.0 (5.4 too)
         inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
     assert_same_loss_and_grads(copy.deepcopy(model), model, inputs)
 
