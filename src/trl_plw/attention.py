@@ -455,8 +455,8 @@ def plw_varlen_attention_forward(
 
 def varlen_attention_mask(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: int | None = None,  # transformers >= 5.4 (5.0-5.3 pass ``cache_position``, which lands in kwargs)
+    kv_length: int = 0,
     q_offset: int = 0,
     kv_offset: int = 0,
     mask_function: Callable | None = None,

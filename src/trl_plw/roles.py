@@ -921,6 +921,7 @@ def tokenize_messages(
     chat_template_kwargs: Mapping[str, Any] | None = None,
     message_weight_key: str | None = None,
     allow_negative_weights: bool = False,
+    assistant_mask_template: str | None = None,
 ) -> dict[str, list]:
     """Tokenize a conversation with its chat template and give every token a role.
 
@@ -939,12 +940,19 @@ def tokenize_messages(
     ``message_weights``: per token, the weight of the message that owns it (1 elsewhere); see
     `trl_plw.message_weights`.
 
+    With ``assistant_mask_template`` (a template with ``{% generation %}`` markers: what TRL's
+    ``assistant_only_loss`` masks with), the conversation is rendered with it and exactly the tokens of its assistant
+    mask are ``COMPLETION`` (`_apply_assistant_mask`).
+
     Returns:
         ``{"input_ids": list[int], "token_roles": list[int]}`` (and ``"message_weights": list[float]``).
     """
-    kwargs = _chat_kwargs(chat_template, tools, chat_template_kwargs)
+    kwargs = _chat_kwargs(assistant_mask_template or chat_template, tools, chat_template_kwargs)
     conversation = _analyse_conversation(tokenizer, messages, kwargs)
-    out = {"input_ids": conversation.input_ids, "token_roles": conversation.roles.tolist()}
+    roles = conversation.roles
+    if assistant_mask_template is not None:
+        roles = _apply_assistant_mask(tokenizer, messages, kwargs, conversation.input_ids, roles, start=0)
+    out = {"input_ids": conversation.input_ids, "token_roles": roles.tolist()}
     if message_weight_key is not None:
         out["message_weights"] = _message_weights(messages, conversation, message_weight_key, allow_negative_weights)
     return out
@@ -956,6 +964,35 @@ def _message_weights(messages, conversation: _Conversation, key: str, allow_nega
     return token_message_weights(
         messages, conversation.offsets, conversation.message_chars, key, allow_negative
     ).tolist()
+
+
+def _apply_assistant_mask(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    kwargs: dict[str, Any],
+    input_ids: Sequence[int],
+    roles: np.ndarray,
+    start: int,
+) -> np.ndarray:
+    """Make the template's assistant mask (from ``start`` on) the ``COMPLETION`` tokens, as TRL's
+    ``assistant_only_loss`` does: tokens inside ``{% generation %}`` are completion, a completion token outside it
+    (e.g. an end-of-turn token the markers leave out) becomes ``TEMPLATE``."""
+    rendered = tokenizer.apply_chat_template(
+        list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kwargs
+    )
+    if list(rendered["input_ids"]) != list(input_ids):
+        raise ValueError(
+            "The chat template renders different token ids with return_assistant_tokens_mask=True; the assistant "
+            "mask cannot be aligned with the tokens."
+        )
+    mask = np.asarray(rendered["assistant_masks"], dtype=bool)
+    mask[:start] = False
+    roles = roles.copy()
+    outside = ~mask
+    outside[:start] = False
+    roles[outside & (roles == Role.COMPLETION)] = Role.TEMPLATE
+    roles[mask] = Role.COMPLETION
+    return roles
 
 
 def _is_conversation(value: Any) -> bool:
@@ -982,6 +1019,7 @@ def tokenize_prompt_completion(
     message_weight_key: str | None = None,
     allow_negative_weights: bool = False,
     assistant_only: bool = False,
+    assistant_mask_template: str | None = None,
 ) -> dict[str, list]:
     """Tokenize a prompt-completion pair like TRL's ``tokenize_fn``, with per-token roles.
 
@@ -995,7 +1033,8 @@ def tokenize_prompt_completion(
     with a warning. ``message_weight_key`` adds per-message weights of conversational pairs as in
     `tokenize_messages` (plain-text pairs get all-1 ``message_weights``). With ``assistant_only=True`` (TRL's
     ``assistant_only_loss``, which intersects the completion with the assistant tokens) a non-assistant turn inside a
-    conversational completion keeps its own role.
+    conversational completion keeps its own role, and with ``assistant_mask_template`` as well (see
+    `tokenize_messages`) the completion tokens are exactly the template's assistant mask after the prompt.
 
     Returns:
         ``{"input_ids": list[int], "token_roles": list[int]}`` (and ``"message_weights": list[float]``).
@@ -1007,7 +1046,9 @@ def tokenize_prompt_completion(
             f"(got {type(prompt).__name__} and {type(completion).__name__})."
         )
     if conversational:
-        kwargs = _chat_kwargs(chat_template, tools, chat_template_kwargs)
+        if not assistant_only:
+            assistant_mask_template = None
+        kwargs = _chat_kwargs(assistant_mask_template or chat_template, tools, chat_template_kwargs)
         prompt_ids = tokenizer.apply_chat_template(
             list(prompt), tokenize=True, return_dict=True, add_generation_prompt=True, **kwargs
         )["input_ids"]
@@ -1036,6 +1077,8 @@ def tokenize_prompt_completion(
         head[head == Role.COMPLETION] = Role.PROMPT
         if not (assistant_only and located):
             roles[prompt_len:] = Role.COMPLETION
+        elif assistant_mask_template is not None:
+            roles = _apply_assistant_mask(tokenizer, conversation, kwargs, input_ids, roles, start=prompt_len)
         out = {"input_ids": list(input_ids), "token_roles": roles.tolist()}
         if message_weight_key is not None:
             out["message_weights"] = message_weights or [1.0] * len(input_ids)

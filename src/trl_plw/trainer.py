@@ -41,6 +41,7 @@ from trl.data_utils import (
 
 from trl_plw._compat import (
     add_train_tokens,
+    assistant_mask_template,
     dataset_column_names,
     lm_head_adapter_check_disabled,
     moe_aux_loss_coef,
@@ -250,11 +251,14 @@ class PLWTrainer(SFTTrainer):
     construction, and the trainer trains with a copy of the collator built with it (padding-free when the
     configuration is), so the object you passed is left unchanged.
 
-    TRL's switches keep their meaning: ``completion_only_loss=True`` and ``assistant_only_loss=True`` require every
-    prompt-side weight to be 0 (they raise otherwise); ``assistant_only_loss=True`` needs conversational data, whose
-    assistant turns PLWTrainer finds for any prefix-consistent chat template (no ``{% generation %}`` markers
-    needed). ``completion_only_loss=False`` is TRL's full-sequence loss: a prompt weight left at 0 becomes 1 (and on
-    plain text without templates every token is trained).
+    With nothing set, PLWTrainer trains what SFTTrainer trains on the data (docs/COMPATIBILITY.md): every token of
+    language-modeling data (``text``, ``messages``, bare ``input_ids``), the completion of prompt-completion data;
+    setting ``prompt_loss_weight`` (or ``role_weights``) switches weighting on. TRL's switches keep their meaning:
+    ``completion_only_loss=True`` and ``assistant_only_loss=True`` require every prompt-side weight to be 0 (they
+    raise otherwise); ``assistant_only_loss=True`` needs conversational data and trains TRL's assistant mask where
+    TRL has one for the template, else the assistant turns PLWTrainer finds for any prefix-consistent template.
+    ``completion_only_loss=False`` is TRL's full-sequence loss (an unset prompt weight resolves to 1; an explicit 0
+    contradicts it and raises).
 
     Example:
     ```python
@@ -520,6 +524,10 @@ class PLWTrainer(SFTTrainer):
                     "message_weight_key": self._message_weight_key(dataset, first),
                     "allow_negative": self._allow_negative_weights,
                     "assistant_only": getattr(self, "_assistant_only_loss", False),
+                    # TRL's assistant mask, where TRL has one for this template: the same tokens trained
+                    "mask_template": assistant_mask_template(tokenizer)
+                    if getattr(self, "_assistant_only_loss", False)
+                    else None,
                 },
                 remove_columns=[c for c in ("prompt", "completion", "messages") if c in first]
                 + ([args.dataset_text_field] if args.dataset_text_field in first and "prompt" not in first else []),
@@ -617,6 +625,7 @@ class PLWTrainer(SFTTrainer):
         message_weight_key: str | None = None,
         allow_negative: bool = False,
         assistant_only: bool = False,
+        mask_template: str | None = None,
     ) -> dict[str, Any]:
         tools = example.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
@@ -629,10 +638,15 @@ class PLWTrainer(SFTTrainer):
         }
         if "prompt" in example and "completion" in example:
             return tokenize_prompt_completion(
-                tokenizer, example["prompt"], example["completion"], assistant_only=assistant_only, **kwargs
+                tokenizer,
+                example["prompt"],
+                example["completion"],
+                assistant_only=assistant_only,
+                assistant_mask_template=mask_template,
+                **kwargs,
             )
         if "messages" in example and is_conversational(example):
-            return tokenize_messages(tokenizer, example["messages"], **kwargs)
+            return tokenize_messages(tokenizer, example["messages"], assistant_mask_template=mask_template, **kwargs)
         if text_field in example:
             text = example[text_field]
             if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):

@@ -282,6 +282,7 @@ def build_config(config: SweepConfig, plw: float, output_dir: Path, seed: int = 
     a step schedule (from step 0 by default). ``config.extra`` may change the schedule, logging or reporting."""
     import torch
 
+    from trl_plw._compat import checkpointing_kwargs
     from trl_plw.trainer import PLWConfig
 
     kwargs: dict[str, Any] = {name: getattr(config, name) for name in TRAINING_FIELDS}
@@ -292,6 +293,8 @@ def build_config(config: SweepConfig, plw: float, output_dir: Path, seed: int = 
         logging_steps=max(1, config.eval_steps // 2),
         save_strategy="no",
         report_to="none",
+        # activation_checkpointing in transformers >= 5.23, gradient_checkpointing before
+        **checkpointing_kwargs(kwargs.pop("activation_checkpointing")),
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
