@@ -187,7 +187,7 @@ def test_prefix_tuning_trains_exactly_sft_trainers_loss(smollm2_tokenizer, tmp_p
     import math
 
     peft = pytest.importorskip("peft")
-    from conftest import make_tiny_llama
+    from conftest import make_tiny_llama, skip_without_sft_loss
     from trl import SFTConfig, SFTTrainer
 
     base = make_tiny_llama(vocab_size=len(smollm2_tokenizer)).double()
@@ -208,6 +208,7 @@ def test_prefix_tuning_trains_exactly_sft_trainers_loss(smollm2_tokenizer, tmp_p
             processing_class=smollm2_tokenizer,
         ),
     ]
+    skip_without_sft_loss()
     results = []
     for trainer in trainers:
         trainer.model.train()
