@@ -155,6 +155,7 @@ def write_results(records: list[dict]) -> None:
     for r in ordered:
         v = r["versions"]
         result = f"{r['passed']} passed" + (f", **{r['failed']} failed**" if r["failed"] else "")
+        result += f", {r['skipped']} skipped" if r["skipped"] else ""
         result += "" if not r["pip_check"] else ", **pip check: " + "; ".join(r["pip_check"]) + "**"
         lines.append(
             f"| {r['set']} | {v['trl']} | {v['transformers']} | {v['peft']} | {v['accelerate']} | {v['datasets']} | "

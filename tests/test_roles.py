@@ -190,7 +190,9 @@ def _trl_prepare(tokenizer, rows):
         bf16=False,
         use_cpu=True,
     )
-    fake_trainer = SimpleNamespace(_tokenizer=tokenizer, chat_template=None, completion_only_loss=True)
+    fake_trainer = SimpleNamespace(_tokenizer=tokenizer, chat_template=None, completion_only_loss=True, _is_vlm=False)
+    if hasattr(SFTTrainer, "_tokenize"):  # older TRL 1.x tokenize through this method
+        fake_trainer._tokenize = lambda *a, **k: SFTTrainer._tokenize(fake_trainer, *a, **k)
     return list(SFTTrainer._prepare_dataset(fake_trainer, Dataset.from_list(rows), tokenizer, args, False, None, "t"))
 
 
@@ -222,7 +224,10 @@ def test_tokenize_prompt_completion_matches_trl(smollm2_tokenizer):
             out = tokenize_prompt_completion(tok, row["prompt"], row["completion"])
             assert out["input_ids"] == trl_row["input_ids"]
             completion = [int(r == Role.COMPLETION) for r in out["token_roles"]]
-            assert completion == [int(label != -100) for label in trl_row["labels"]]
+            if "labels" in trl_row:  # TRL 1.16 folds its mask into the labels
+                assert completion == [int(label != -100) for label in trl_row["labels"]]
+            else:  # older TRL 1.x keep it as a column
+                assert completion == list(trl_row["completion_mask"])
 
 
 def test_tokenize_prompt_completion_prompt_roles(smollm2_tokenizer):

@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from conftest import skip_without_sft_loss
 from datasets import Dataset
 from test_trainer import PAIRS, common_args, first_rows, tiny
 from transformers import TrainingArguments
@@ -118,6 +119,7 @@ def assert_same_training(sft, plw, vocab_size):
     plw_trained = int((plw_batch["loss_weights"][:, 1:] != 0).sum())
     assert plw_trained == sft_trained
     assert torch.unique(plw_batch["loss_weights"]).tolist() in ([0.0, 1.0], [1.0])  # SFTTrainer's 0/1 loss
+    skip_without_sft_loss()
     sft_loss, plw_loss = first_batch_loss(sft, sft_batch), first_batch_loss(plw, plw_batch)
     bound = math.sqrt(vocab_size) * torch.finfo(torch.float32).eps
     torch.testing.assert_close(plw_loss, sft_loss, rtol=bound, atol=bound * sft_loss.abs().item())
@@ -196,6 +198,7 @@ def test_mean_token_accuracy_under_trls_name(smollm2_tokenizer, tmp_path):
         frequent = torch.mode(ids[1:]).values
         model.lm_head.weight[frequent] = 100 * hidden.mean(0)
     sft, plw = sft_and_plw(smollm2_tokenizer, tmp_path, data, model=model)
+    skip_without_sft_loss()
     sft_batch = sft.data_collator(first_rows(sft.train_dataset, ROWS))
     plw_batch = plw.data_collator(first_rows(plw.train_dataset, ROWS))
     first_batch_loss(sft, sft_batch)

@@ -7,7 +7,7 @@ import collections
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, skip_without_sft_loss
 from sync_audit import audit_syncs
 
 import trl_plw.ops.weighted_linear_ce as wlc
@@ -81,6 +81,7 @@ def _syncs_per_optimizer_step(kind, tokenizer, tmp_path):
     args = common_args(output_dir=str(tmp_path / kind), max_steps=2, per_device_train_batch_size=2)
     args.update(gradient_accumulation_steps=2, packing=True, padding_free=True, max_length=48)
     if kind == "sft":
+        skip_without_sft_loss()
         trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=data, processing_class=tokenizer)
     else:
         config = PLWConfig(prompt_loss_weight=0.1, **args)

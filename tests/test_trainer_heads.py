@@ -16,6 +16,7 @@ from conftest import assert_exact
 from datasets import Dataset
 
 from trl_plw import PLWConfig, PLWTrainer, precision
+from trl_plw._compat import moe_aux_loss_coef
 
 PAIRS = [
     ("Name a primary colour.", "Red"),
@@ -93,7 +94,7 @@ def test_moe_router_aux_loss_enters_the_loss_and_the_logs(smollm2_tokenizer, tmp
         train_dataset=chat_data(),
         processing_class=smollm2_tokenizer,
     )
-    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.5  # SFTTrainer's switch, from the config
+    assert trainer.aux_loss_enabled and moe_aux_loss_coef(trainer) == 0.5  # SFTTrainer's switch, from the config
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, dict(batch))
@@ -114,6 +115,10 @@ def test_moe_router_aux_loss_enters_the_loss_and_the_logs(smollm2_tokenizer, tmp
     assert len(logged) == 2 and all(e["aux_loss"] > 0 for e in logged)
 
 
+@pytest.mark.skipif(
+    not hasattr(PLWConfig, "router_aux_loss_coef"),
+    reason="SFTConfig.router_aux_loss_coef arrived in TRL 1.7",
+)
 def test_router_aux_loss_coef_zero_turns_it_off(smollm2_tokenizer, tmp_path):
     model = tiny_mixtral(len(smollm2_tokenizer))
     reference_model = copy.deepcopy(model).train()
@@ -187,12 +192,16 @@ def test_prefix_tuning_trains_exactly_sft_trainers_loss(smollm2_tokenizer, tmp_p
     import math
 
     peft = pytest.importorskip("peft")
-    from conftest import make_tiny_llama
+    from conftest import make_tiny_llama, skip_without_sft_loss
     from trl import SFTConfig, SFTTrainer
 
     base = make_tiny_llama(vocab_size=len(smollm2_tokenizer)).double()
     torch.manual_seed(0)
     model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    try:
+        model(input_ids=torch.tensor([[5, 6]]), attention_mask=torch.ones(1, 2, dtype=torch.long))
+    except AttributeError as err:  # peft 0.17's prefix cache predates transformers 5's Cache API
+        pytest.skip(f"peft {peft.__version__} cannot run prefix tuning with this transformers: {err}")
     common = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, per_device_train_batch_size=4)
     trainers = [
         SFTTrainer(
@@ -208,6 +217,7 @@ def test_prefix_tuning_trains_exactly_sft_trainers_loss(smollm2_tokenizer, tmp_p
             processing_class=smollm2_tokenizer,
         ),
     ]
+    skip_without_sft_loss()
     results = []
     for trainer in trainers:
         trainer.model.train()

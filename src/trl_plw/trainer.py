@@ -437,6 +437,13 @@ class PLWTrainer(SFTTrainer):
             )
 
     def _check_parallelism(self) -> None:
+        if self.args.n_gpu > 1:  # TRL refuses it since 1.16; checked here for every version
+            raise ValueError(
+                f"{type(self).__name__} does not support `nn.DataParallel`, which `Trainer` uses when several GPUs are "
+                "visible to a single process: its replicas would not run the weighted head, and its loss is a mean of "
+                "per-GPU means. Launch the script with `accelerate launch` or `torchrun`, or make a single GPU visible "
+                "with `CUDA_VISIBLE_DEVICES`."
+            )
         config = getattr(self.accelerator, "parallelism_config", None)
         if config is None:
             return
