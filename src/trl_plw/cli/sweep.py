@@ -54,11 +54,27 @@ def translate_flags(argv: Sequence[str], fields: set[str]) -> list[str]:
             FutureWarning,
             stacklevel=3,
         )
+    installed = _checkpointing_field()
     renamed_argv = []
     for arg in argv:
         name, eq, value = arg.partition("=")
-        renamed_argv.append(ALIASES.get(name, DEPRECATED_FLAGS.get(name, name)) + eq + value)
+        name = ALIASES.get(name, DEPRECATED_FLAGS.get(name, name))
+        # the sweep records `activation_checkpointing`; PLWConfig parses it under the installed transformers' name
+        for spelling in ("activation_checkpointing", "activation-checkpointing"):
+            name = name.replace(spelling, installed)
+        renamed_argv.append(name + eq + value)
     return negate_bool_flags(renamed_argv, fields)
+
+
+def _checkpointing_field() -> str:
+    from trl_plw._compat import checkpointing_field
+
+    return checkpointing_field()
+
+
+def _parsed_name(field_name: str) -> str:
+    """The PLWConfig attribute that holds the sweep's training field ``field_name`` on the installed transformers."""
+    return _checkpointing_field() if field_name == "activation_checkpointing" else field_name
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -80,7 +96,7 @@ def build_parser(arguments_cls: type, base: Any, prog: str, description: str | N
     )
     parser.add_argument("--no-plots", action="store_true", help="Write the numbers only (no matplotlib needed).")
     parser.add_argument("--no-resume", action="store_true", help="Retrain runs that already finished.")
-    defaults = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name != "extra"}
+    defaults = {_parsed_name(f.name): getattr(base, f.name) for f in dataclasses.fields(base) if f.name != "extra"}
     parser.set_defaults(
         **{k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}, output_dir=output_dir
     )
@@ -110,8 +126,9 @@ def parse_config(parser, argv: Sequence[str], config_cls: type) -> tuple[Any, st
     switches = rest[0] if rest else argparse.Namespace(no_plots=False, no_resume=False)
     values = dataclasses.asdict(arguments)
     for name in TRAINING_FIELDS:
-        values[name] = _plain(getattr(training, name)) if name in given else defaults[name]
-    own = {*TRAINING_FIELDS, "output_dir"}
+        parsed = _parsed_name(name)
+        values[name] = _plain(getattr(training, parsed)) if parsed in given else defaults[parsed]
+    own = {*TRAINING_FIELDS, *map(_parsed_name, TRAINING_FIELDS), "output_dir"}
     values["extra"] = {
         f.name: _plain(getattr(training, f.name))
         for f in dataclasses.fields(PLWConfig)
