@@ -6,8 +6,10 @@ model. Everything runs offline: the Hub is never contacted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -35,6 +37,17 @@ def skip_without_sft_loss() -> None:
     version = Version(trl.__version__)
     if (version.major, version.minor) == (1, 15) and not torch.cuda.is_available():
         pytest.skip(f"TRL {trl.__version__}'s SFTTrainer computes its loss with a GPU-only Triton kernel")
+
+
+@contextlib.contextmanager
+def future_warnings_as_errors():
+    """FutureWarnings raised as errors (a deprecated name of ours must not warn), except TRL 1.6's announcement that
+    its default ``loss_type`` changes in 1.7: SFTConfig warns it whenever ``loss_type`` is unset, and PLWTrainer
+    weights ``nll`` and ``chunked_nll`` alike."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.filterwarnings("ignore", message="The default `loss_type` will change", category=FutureWarning)
+        yield
 
 
 def subprocess_env() -> dict[str, str]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import re
-import warnings
 
 import pytest
+from conftest import future_warnings_as_errors
 
 from trl_plw.cli import main
 
@@ -48,8 +48,7 @@ def test_sweep_takes_plwconfig_names_and_passes_every_other_setting_on(tmp_path)
 
     argv = ["--dataset_name", "d.jsonl", "--per_device_train_batch_size", "8", "--learning_rate", "2e-3",
             "--plw", "1", "0.1", "--optim", "sgd", "--no-packing", "--output_dir", str(tmp_path)]  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)  # the current names and --plw do not warn
+    with future_warnings_as_errors():  # the current names and --plw do not warn
         config, output_dir, switches = _parse("sweep", argv)
     assert (config.per_device_train_batch_size, config.learning_rate, config.plws) == (8, 2e-3, (1.0, 0.1))
     assert config.extra == {"optim": "sgd"} and output_dir == str(tmp_path) and not switches.no_resume

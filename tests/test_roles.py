@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import inspect
 import math
 from types import SimpleNamespace
 
@@ -191,8 +192,11 @@ def _trl_prepare(tokenizer, rows):
         use_cpu=True,
     )
     fake_trainer = SimpleNamespace(_tokenizer=tokenizer, chat_template=None, completion_only_loss=True, _is_vlm=False)
-    if hasattr(SFTTrainer, "_tokenize"):  # older TRL 1.x tokenize through this method
-        fake_trainer._tokenize = lambda *a, **k: SFTTrainer._tokenize(fake_trainer, *a, **k)
+    if hasattr(SFTTrainer, "_tokenize"):  # older TRL 1.x tokenize through this method (a staticmethod in 1.7)
+        static = isinstance(inspect.getattr_static(SFTTrainer, "_tokenize"), staticmethod)
+        fake_trainer._tokenize = (
+            SFTTrainer._tokenize if static else lambda *a, **k: SFTTrainer._tokenize(fake_trainer, *a, **k)
+        )
     return list(SFTTrainer._prepare_dataset(fake_trainer, Dataset.from_list(rows), tokenizer, args, False, None, "t"))
 
 

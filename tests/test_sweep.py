@@ -229,12 +229,11 @@ def test_lora_last_layers_adapts_the_top_layers_and_backward_stops_below_them():
 def test_sweep_config_sets_checkpointing_under_its_current_name(tmp_path, checkpointing):
     """transformers >= 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` and warns on the old
     name (removed in v6): the sweep must pass the new one, and the choice must still reach the trainer."""
-    import warnings
+    from conftest import future_warnings_as_errors
 
     from trl_plw.experiments.sweep import SweepConfig, build_config
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
+    with future_warnings_as_errors():
         args = build_config(SweepConfig(activation_checkpointing=checkpointing), 0.1, tmp_path)
     assert getattr(args, "activation_checkpointing", checkpointing) is checkpointing  # transformers >= 5.23
     assert args.gradient_checkpointing is checkpointing  # the old name mirrors the new one for readers
