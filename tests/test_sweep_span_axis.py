@@ -62,7 +62,13 @@ def test_span_weight_sweep_end_to_end(tiny_model_dir, tmp_path):  # noqa: F811 -
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["swept"] == "think" and [r["plw"] for r in summary["rows"]] == [0.0, 1.0]
-    assert "span rule `think`" in (out / "summary.md").read_text()
+    text = (out / "summary.md").read_text()
+    assert (
+        "span rule `think`" in text
+        and "| think weight |" in text
+        and "Recommended weight of span rule `think`" in text
+    )
+    assert "PLW" not in text  # the prompt weight is fixed: no line may read as if it were swept
     evals = {}
     for weight in ("0", "1"):
         events = [json.loads(x) for x in (out / f"think_{weight}" / "metrics.jsonl").read_text().splitlines()]
@@ -71,3 +77,21 @@ def test_span_weight_sweep_end_to_end(tiny_model_dir, tmp_path):  # noqa: F811 -
     # the same untrained model at step 0; training with the think span at weight 0 vs 1 moves the model differently
     assert evals["0"][0]["eval_span_think_loss"] == pytest.approx(evals["1"][0]["eval_span_think_loss"], rel=1e-6)
     assert evals["0"][2]["eval_span_think_loss"] != evals["1"][2]["eval_span_think_loss"]
+
+
+def test_a_span_sweep_recommends_the_measured_best_without_the_prompt_weight_prior():
+    """On a tie the prompt sweep leans to 0.1 (the article's advice); nothing says that of a span, so the best wins."""
+    from trl_plw.experiments.sweep import recommend
+
+    def row(weight, acc):  # overlapping 95% intervals: a statistical tie
+        return {"plw": weight, "acc_at_min_comp_loss": acc, "acc_at_min_comp_loss_ci": [0.5, 0.8],
+                "min_comp_loss_step": 10, "initial_acc_ci": [0.1, 0.3]}  # fmt: skip
+
+    rows = [row(0.1, 0.62), row(1.0, 0.66)]
+    ratio = {"ratio_of_totals": 0.05, "mean": 0.05}
+    prompt = recommend(rows, ratio)
+    span = recommend(rows, ratio, span="think")
+    assert prompt["plw"] == 0.1 and "Rt = 0.05" in prompt["text"] and "PLW 1" in prompt["text"]
+    assert span["plw"] == 1.0 and span["tied"] == [0.1, 1.0]
+    assert span["text"].startswith("Recommended weight of span rule `think`: **1**")
+    assert "Rt =" not in span["text"] and "PLW" not in span["text"] and "think weight 0.1, 1" in span["text"]

@@ -609,12 +609,13 @@ def write_reports(
     """metrics.csv, summary.json/md (findings, recommendation) and the plot, from the events of every run."""
     write_csv(events, output_dir / "metrics.csv")
     summary = summarize(events, config.plws, n_eval)
-    recommendation = recommend(summary, gen_ratio)
-    table = summary_markdown(summary)
-    findings = findings_markdown(summary)
+    span = config.sweep_weight if config.sweeps_span else None
+    recommendation = recommend(summary, gen_ratio, span=span)
+    table = summary_markdown(summary, span=span)
+    findings = findings_markdown(summary, span=span)
     parts = [table, findings, recommendation["text"]]
-    if config.sweeps_span:  # the tables' "PLW" column holds the swept span weight
-        parts.insert(0, f"Swept: the weight of span rule `{config.sweep_weight}` (column PLW below); the prompt "
+    if span is not None:
+        parts.insert(0, f"Swept: the weight of span rule `{span}` (column `{axis_label(span)}` below); the prompt "
                         f"loss weight is fixed ({config.extra.get('prompt_loss_weight', 'unset')}).")  # fmt: skip
     text = "\n\n".join(parts)
     (output_dir / "summary.json").write_text(
@@ -626,7 +627,7 @@ def write_reports(
     )
     (output_dir / "summary.md").write_text(text + "\n")
     if plots:
-        plot_sweep(events, config.plws, output_dir / plot_name)
+        plot_sweep(events, config.plws, output_dir / plot_name, span=span)
     return {"summary": summary, "table_markdown": table, "text": text, "events": events,
             "recommendation": recommendation}  # fmt: skip
 
@@ -745,6 +746,11 @@ def summarize(events: list[dict[str, Any]], plws: Sequence[float], n_eval: int |
     return rows
 
 
+def axis_label(span: str | None = None) -> str:
+    """What the swept value is called in tables, findings and legends: ``PLW``, or ``<rule> weight`` for a span."""
+    return "PLW" if span is None else f"{span} weight"
+
+
 def _fmt_acc(row: dict[str, Any], key: str) -> str:
     value, ci = row.get(key, math.nan), row.get(f"{key}_ci", [math.nan, math.nan])
     text = f"{value:.3f}"
@@ -753,10 +759,10 @@ def _fmt_acc(row: dict[str, Any], key: str) -> str:
     return text
 
 
-def summary_markdown(rows: list[dict[str, Any]]) -> str:
+def summary_markdown(rows: list[dict[str, Any]], *, span: str | None = None) -> str:
     """The stopping-rule table: one row per weight, accuracies with Wilson 95% intervals where binomial."""
     header = (
-        "| PLW | acc @ min seq loss (step) | acc @ min completion loss (step) | best acc (step) | initial acc | "
+        f"| {axis_label(span)} | acc @ min seq loss (step) | acc @ min completion loss (step) | best acc (step) | initial acc | "
         "final acc | final prompt loss | final completion loss | train s |\n"
         "|---|---|---|---|---|---|---|---|---|"
     )
@@ -784,10 +790,11 @@ def _overlap(a: Sequence[float], b: Sequence[float]) -> bool:
     return not (a[1] < b[0] or b[1] < a[0])
 
 
-def findings_markdown(rows: list[dict[str, Any]]) -> str:
+def findings_markdown(rows: list[dict[str, Any]], *, span: str | None = None) -> str:
     """The article's three findings, each stated as what was measured and whether the intervals separate."""
     if not rows:
         return ""
+    label = axis_label(span)
     lines = ["Findings (the article's claims, tested on this sweep):"]
     diffs = [r["acc_at_min_comp_loss"] - r["acc_at_min_seq_loss"] for r in rows]
     separated = [
@@ -797,33 +804,37 @@ def findings_markdown(rows: list[dict[str, Any]]) -> str:
     ]  # fmt: skip
     lines.append(
         "1. Stopping rule: accuracy at the completion-loss minimum minus at the full-sequence-loss minimum is "
-        + ", ".join(f"{d:+.3f} (PLW {r['plw']:g})" for d, r in zip(diffs, rows, strict=True))
+        + ", ".join(f"{d:+.3f} ({label} {r['plw']:g})" for d, r in zip(diffs, rows, strict=True))
         + (
-            f"; intervals separate for PLW {', '.join(f'{p:g}' for p in separated)}."
+            f"; intervals separate for {label} {', '.join(f'{p:g}' for p in separated)}."
             if separated
             else "; no weight has separated intervals."
         )  # fmt: skip
     )
     lines.append(
         "2. Steps to the completion-loss minimum: "
-        + ", ".join(f"{r['steps_to_min_comp_loss']:g} (PLW {r['plw']:g})" for r in rows)
+        + ", ".join(f"{r['steps_to_min_comp_loss']:g} ({label} {r['plw']:g})" for r in rows)
         + "."
     )
     best = max(rows, key=lambda r: r["best_acc"])
     tied = [r["plw"] for r in rows if r is not best and _overlap(r["best_acc_ci"], best["best_acc_ci"])]
     lines.append(
-        f"3. Best accuracy: highest at PLW {best['plw']:g} ({_fmt_acc(best, 'best_acc')})"
-        + (f"; within its interval: PLW {', '.join(f'{p:g}' for p in tied)}." if tied else "; above every other.")
+        f"3. Best accuracy: highest at {label} {best['plw']:g} ({_fmt_acc(best, 'best_acc')})"
+        + (f"; within its interval: {label} {', '.join(f'{p:g}' for p in tied)}." if tied else "; above every other.")
     )
     return "\n".join(lines)
 
 
-def recommend(rows: list[dict[str, Any]], gen_ratio: dict[str, Any] | None) -> dict[str, Any]:
+def recommend(
+    rows: list[dict[str, Any]], gen_ratio: dict[str, Any] | None, *, span: str | None = None
+) -> dict[str, Any]:
     """A weight and its evidence: the best accuracy at the completion-loss minimum (the article's stopping rule).
 
     Ties (overlapping intervals) go to the weight the article's advice prefers: for data with a small generation
     ratio, a small non-zero weight (0.1 beats 0 and 1 there); the evidence lists every weight that cannot be told
-    apart, so the user sees how firm the choice is.
+    apart, so the user sees how firm the choice is. The article says nothing about a span's weight (``span``), so
+    there a tie goes to the highest measured accuracy and the generation ratio, a prompt/completion statistic, is
+    left out.
     """
     if not rows:
         return {"plw": None, "text": "No finished runs: nothing to recommend."}
@@ -833,18 +844,27 @@ def recommend(rows: list[dict[str, Any]], gen_ratio: dict[str, Any] | None) -> d
         else [top]  # fmt: skip
     # Among statistically tied weights prefer the one nearest 0.1 on a log scale (the article's advice), which
     # the data cannot overrule when intervals overlap.
-    choice = min(tied, key=lambda r: abs(math.log10(max(r["plw"], 1e-3)) - math.log10(0.1)))
-    rg = (gen_ratio or {}).get("ratio_of_totals")
-    lines = [f"Recommended prompt-loss weight: **{choice['plw']:g}**."]
+    if span is None:
+        choice = min(tied, key=lambda r: abs(math.log10(max(r["plw"], 1e-3)) - math.log10(0.1)))
+    else:
+        choice = top
+    label = axis_label(span)
+    rg = (gen_ratio or {}).get("ratio_of_totals") if span is None else None
+    what = "prompt-loss weight" if span is None else f"weight of span rule `{span}`"
+    lines = [f"Recommended {what}: **{choice['plw']:g}**."]
     lines.append(
         f"- Evidence: accuracy at the completion-loss minimum {_fmt_acc(choice, key)} at step "
-        f"{choice['min_comp_loss_step']:g}; highest measured: PLW {top['plw']:g} ({_fmt_acc(top, key)})."
+        f"{choice['min_comp_loss_step']:g}; highest measured: {label} {top['plw']:g} ({_fmt_acc(top, key)})."
     )
     if len(tied) > 1:
         lines.append(
-            "- Not distinguishable at this evaluation size (overlapping 95% intervals): PLW "
+            f"- Not distinguishable at this evaluation size (overlapping 95% intervals): {label} "
             + ", ".join(f"{r['plw']:g}" for r in tied)
-            + "; among them the choice follows the article (a small non-zero weight)."
+            + (
+                "; among them the choice follows the article (a small non-zero weight)."
+                if span is None
+                else "; the article gives no prior for a span's weight, so the highest measured is named."
+            )
         )
     if rg is not None:
         share = {r["plw"]: rg / (r["plw"] + rg) for r in rows}
@@ -886,7 +906,7 @@ def seed_curves(events: list[dict[str, Any]], plw: float, key: str) -> dict[int,
     return curves
 
 
-def plot_sweep(events: list[dict[str, Any]], plws: Sequence[float], path: Path) -> None:
+def plot_sweep(events: list[dict[str, Any]], plws: Sequence[float], path: Path, *, span: str | None = None) -> None:
     """Four panels like the article's figures: prompt, completion, full-sequence loss and accuracy vs step.
 
     With several seeds, each curve is the seed mean at each step, and each seed is drawn thin behind it: a mean of
@@ -921,7 +941,7 @@ def plot_sweep(events: list[dict[str, Any]], plws: Sequence[float], path: Path) 
             if by_step:
                 xs = sorted(by_step)
                 ax.plot(xs, [sum(by_step[x]) / len(by_step[x]) for x in xs], marker="o", ms=3, color=color,
-                        label=f"PLW={plw:g}")  # fmt: skip
+                        label=f"{axis_label(span)}={plw:g}")  # fmt: skip
         ax.set_title(title)
         ax.grid(alpha=0.3)
     for ax in axes[1]:
