@@ -164,3 +164,21 @@ def test_packed_run_reports_per_span_eval_losses(tok, tmp_path):
             atol=0,
             msg=lambda m, name=name: f"{name}: {m}",
         )
+
+
+def test_a_stream_reads_message_weights_first_seen_after_its_first_example(tok, tmp_path):
+    """An IterableDataset cannot be scanned ahead: a message weight that first appears in its second example still
+    counts, and the prepared stream gives the loss weights of the same data prepared as a Dataset."""
+    model = tiny(len(tok))
+    unweighted = [{k: v for k, v in m.items() if k not in ("weight", "loss")} for m in tool_conversation(0)]
+    rows = [{"messages": unweighted}] + [{"messages": tool_conversation(v)} for v in range(1, N)]
+    table = trainer(model, tok, tmp_path / "a", Dataset.from_list(rows), prompt_loss_weight=PROMPT_WEIGHT)
+    stream = trainer(
+        model, tok, tmp_path / "b", Dataset.from_list(rows).to_iterable_dataset(), prompt_loss_weight=PROMPT_WEIGHT
+    )
+    streamed = list(stream.train_dataset)
+    assert set(streamed[0]["message_weights"]) == {1.0} and 0.0 in streamed[1]["message_weights"]
+    assert [r["message_weights"] for r in streamed] == table.train_dataset["message_weights"]
+    batch_a = stream.data_collator(streamed)
+    batch_b = table.data_collator(first_rows(table.train_dataset, N))
+    assert torch.equal(batch_a["loss_weights"], batch_b["loss_weights"])

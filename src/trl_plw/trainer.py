@@ -608,7 +608,11 @@ class PLWTrainer(SFTTrainer):
 
     def _message_weight_key(self, dataset, first: dict[str, Any]) -> str | None:
         """``args.message_weight_key`` when some message of the dataset carries a weight, else None (then no
-        ``message_weights`` column is stored). An IterableDataset is not scanned: its first example decides."""
+        ``message_weights`` column is stored).
+
+        A stream (IterableDataset) cannot be scanned ahead, and judging it by its first example would drop a weight
+        first seen later without a word; so a conversational stream always reads its messages' weights (the column
+        holds 1.0 where no message sets one, which changes no loss)."""
         key = self._plw_args.message_weight_key
         columns = [c for c in ("messages", "prompt", "completion") if c in first]
         if key is None or not columns:
@@ -616,7 +620,7 @@ class PLWTrainer(SFTTrainer):
         if isinstance(dataset, Dataset):
             found = any(any_weighted(dataset[c], key) for c in columns)
         else:
-            found = any(any_weighted([first[c]], key) for c in columns)
+            found = any(isinstance(first[c], list) for c in columns)
         return key if found else None
 
     @property
