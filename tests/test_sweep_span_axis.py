@@ -69,6 +69,7 @@ def test_span_weight_sweep_end_to_end(tiny_model_dir, tmp_path):  # noqa: F811 -
         and "Recommended weight of span rule `think`" in text
     )
     assert "PLW" not in text  # the prompt weight is fixed: no line may read as if it were swept
+    assert "article's claims, tested" not in text and summary["gen_ratio"] is None
     evals = {}
     for weight in ("0", "1"):
         events = [json.loads(x) for x in (out / f"think_{weight}" / "metrics.jsonl").read_text().splitlines()]
@@ -95,3 +96,8 @@ def test_a_span_sweep_recommends_the_measured_best_without_the_prompt_weight_pri
     assert span["plw"] == 1.0 and span["tied"] == [0.1, 1.0]
     assert span["text"].startswith("Recommended weight of span rule `think`: **1**")
     assert "Rt =" not in span["text"] and "PLW" not in span["text"] and "think weight 0.1, 1" in span["text"]
+    # not learned (the best interval overlaps the step-0 one): weak evidence, and still no prior for a span
+    unlearned = [dict(r, initial_acc_ci=[0.55, 0.7]) for r in rows]
+    assert "the article's prior" in recommend(unlearned, ratio)["text"]
+    weak = recommend(unlearned, ratio, span="think")
+    assert "Weak evidence" in weak["text"] and "prior, not a finding" not in weak["text"] and weak["plw"] == 1.0

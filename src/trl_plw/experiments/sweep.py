@@ -14,6 +14,10 @@ Accuracies come with Wilson 95% intervals over the evaluation items (pooled over
 against the noise of a finite evaluation set. The command also measures the generation ratio Rg of the training data
 and recommends a weight, with the evidence for it (the article's closing advice, turned into a measurement).
 
+``--sweep_weight <rule>`` sweeps a span rule's weight instead (the prompt weight then stays fixed): the same runs,
+table and findings, labelled ``<rule> weight``; its recommendation is the best measured weight (the article's prior
+and the generation ratio concern the prompt weight only).
+
 Outputs in ``--output_dir``: ``config.json``; per run ``[seed_S/]plw_W/metrics.jsonl`` and ``done.json``;
 ``metrics.csv`` (long format), ``summary.json``/``summary.md`` and a plot. A killed sweep is resumable: rerunning the
 same command skips every run that has its ``done.json`` and continues with the weights not yet done.
@@ -537,7 +541,8 @@ def run_sweep(
         all_events += run_one(config, plw, folder, datasets[seed], seed, initial_eval=initial)
     first = config.seeds[0]
     n_eval = len(datasets[first][1])
-    gen_ratio = generation_ratio(datasets[first][0], config.model_name_or_path)
+    # Rg speaks to the prompt weight (the completion's share of the loss); a span sweep has no use for it.
+    gen_ratio = None if config.sweeps_span else generation_ratio(datasets[first][0], config.model_name_or_path)
     return write_reports(config, all_events, output_dir, n_eval, gen_ratio, plots=plots, plot_name=plot_name)
 
 
@@ -795,7 +800,11 @@ def findings_markdown(rows: list[dict[str, Any]], *, span: str | None = None) ->
     if not rows:
         return ""
     label = axis_label(span)
-    lines = ["Findings (the article's claims, tested on this sweep):"]
+    lines = [
+        "Findings (the article's claims, tested on this sweep):"
+        if span is None
+        else f"Findings (measured on this sweep; the article's claims are about the prompt weight, not `{span}`):"
+    ]
     diffs = [r["acc_at_min_comp_loss"] - r["acc_at_min_seq_loss"] for r in rows]
     separated = [
         r["plw"] for r in rows
@@ -880,7 +889,9 @@ def recommend(
         lines.insert(
             1,
             "- **Weak evidence**: the best interval overlaps that of the accuracy before training (the "
-            "model did not measurably learn the task), so this is the article's prior, not a finding.",
+            "model did not measurably learn the task), so this is "
+            + ("the article's prior" if span is None else "the largest of noisy measurements")
+            + ", not a finding.",
         )
     lines.append("- Stop on the validation completion loss, not on the full-sequence loss.")
     return {"plw": choice["plw"], "tied": [r["plw"] for r in tied], "learned": learned, "text": "\n".join(lines)}
