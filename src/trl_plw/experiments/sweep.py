@@ -767,8 +767,8 @@ def _fmt_acc(row: dict[str, Any], key: str) -> str:
 def summary_markdown(rows: list[dict[str, Any]], *, span: str | None = None) -> str:
     """The stopping-rule table: one row per weight, accuracies with Wilson 95% intervals where binomial."""
     header = (
-        f"| {axis_label(span)} | acc @ min seq loss (step) | acc @ min completion loss (step) | best acc (step) | initial acc | "
-        "final acc | final prompt loss | final completion loss | train s |\n"
+        f"| {axis_label(span)} | acc @ min seq loss (step) | acc @ min completion loss (step) | best acc (step) | "
+        "initial acc | final acc | final prompt loss | final completion loss | train s |\n"
         "|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
@@ -851,12 +851,10 @@ def recommend(
     top = max(rows, key=lambda r: r[key])
     tied = [r for r in rows if _overlap(r[f"{key}_ci"], top[f"{key}_ci"])] if not math.isnan(top[f"{key}_ci"][0]) \
         else [top]  # fmt: skip
-    # Among statistically tied weights prefer the one nearest 0.1 on a log scale (the article's advice), which
-    # the data cannot overrule when intervals overlap.
-    if span is None:
-        choice = min(tied, key=lambda r: abs(math.log10(max(r["plw"], 1e-3)) - math.log10(0.1)))
-    else:
-        choice = top
+    # Among statistically tied prompt weights prefer the one nearest 0.1 on a log scale (the article's advice),
+    # which the data cannot overrule when intervals overlap; a span has no such prior.
+    nearest_tenth = min(tied, key=lambda r: abs(math.log10(max(r["plw"], 1e-3)) - math.log10(0.1)))
+    choice = nearest_tenth if span is None else top
     label = axis_label(span)
     rg = (gen_ratio or {}).get("ratio_of_totals") if span is None else None
     what = "prompt-loss weight" if span is None else f"weight of span rule `{span}`"
